@@ -1,0 +1,477 @@
+"""Dataclass configs, YAML recipes and dotted command-line overrides.
+
+A recipe is a YAML file with the sections of `Recipe`. Overrides use dotted keys
+(`--set student.vision.depth=6`); values are parsed as YAML scalars. Every key is
+checked: an unknown key fails with a did-you-mean, wrong types and inconsistent
+sizes fail with the dotted path of the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the field."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    drop_path: float = 0.0
+    # CLIP/BLIP normalisation; images are normalised with these by the data pipeline.
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30524  # bert-base-uncased + [DEC] + [ENC]
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.0
+    pad_token_id: int = 0
+
+
+@dataclass
+class FusionConfig:
+    # "blip": cross-attention inside the last `layers` text layers (layers == text depth is BLIP).
+    # "albef": `layers` extra cross-attention layers stacked after the text encoder.
+    mode: str = "blip"
+    layers: int = 12
+
+
+@dataclass
+class DecoderConfig:
+    enabled: bool = True
+    # BLIP pretraining: the decoder shares every weight with the text encoder but self-attention.
+    share: bool = True
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    momentum: bool = False
+    momentum_coef: float = 0.995
+    queue_size: int = 57600
+
+
+# --------------------------------------------------------------------------- recipe sections
+
+
+@dataclass
+class InitConfig:
+    """Where each student module starts: "random", "teacher" (every k-th teacher layer when
+    widths match), "timm:<name or file>" (vision) or "bert:<dir>" (text)."""
+
+    vision: str = "random"
+    text: str = "random"
+
+
+@dataclass
+class StudentConfig:
+    preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+@dataclass
+class TeacherConfig:
+    source: str = ""  # anything dlip_ds.load_model takes; empty = pretraining without a teacher
+    dtype: str = "auto"  # auto: fp16 on CUDA, bf16 on CPU
+    tp_size: int = 1
+
+
+@dataclass
+class DataConfig:
+    train_shards: Any = ""  # brace pattern, list of sources, or a directory of shards
+    eval_shards: Any = ""
+    weights: list[float] | None = None  # mixing weights when train_shards lists several sources
+    tokenizer: str = ""  # a path or hub name; empty = the tokenizer `dlip-ds synth` wrote beside the shards
+    batch_size: int = 32  # per rank, per micro step
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    max_words: int = 30
+    max_length: int = 35
+    prompt: str = "a picture of "
+    randaugment: bool = True
+    min_scale: float = 0.5
+
+
+@dataclass
+class KDTerm:
+    kind: str = "repr"  # repr | attn | logit
+    module: str = "fusion"  # vision | text | fusion | decoder (repr/attn); itc | itm | lm (logit)
+    attn: str = "self"  # self | cross (attn only)
+    layers: Any = "uniform"  # "uniform" | "last-k" | [[student, teacher], ...]
+    k: int = 1  # for last-k
+    weight: float = 1.0
+    relation_heads: int | None = None
+    temperature: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    itc: float = 1.0
+    itm: float = 1.0
+    lm: float = 1.0
+    label_smoothing: float = 0.1
+    itc_soft_targets: str = "none"  # none | momentum | teacher
+    alpha: float = 0.4
+    hard_negatives_from: str = "teacher"  # teacher | student
+    kd: list[KDTerm] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 0
+    max_nonfinite: int = 20
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with a did-you-mean."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}'{_did_you_mean(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain nested dict/list form of a config (for YAML, JSON and TensorBoard)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{text}': empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    cur = out
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------- model configs
+
+
+def model_config_from_dict(data: dict, path: str = "model") -> ModelConfig:
+    cfg = from_dict(ModelConfig, data, path)
+    validate_model(cfg, path)
+    return cfg
+
+
+def validate_model(cfg: ModelConfig, path: str = "model") -> None:
+    v, t = cfg.vision, cfg.text
+    if v.width % v.heads:
+        raise ConfigError(f"{path}.vision.width={v.width} is not divisible by {path}.vision.heads={v.heads}")
+    if t.width % t.heads:
+        raise ConfigError(f"{path}.text.width={t.width} is not divisible by {path}.text.heads={t.heads}")
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"{path}.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"
+        )
+    for name, val in (("vision.depth", v.depth), ("text.depth", t.depth), ("embed_dim", cfg.embed_dim)):
+        if val < 1:
+            raise ConfigError(f"{path}.{name} must be >= 1, got {val}")
+    if cfg.fusion.mode not in ("blip", "albef"):
+        raise ConfigError(f"{path}.fusion.mode must be 'blip' or 'albef', got '{cfg.fusion.mode}'")
+    if cfg.fusion.layers < 0:
+        raise ConfigError(f"{path}.fusion.layers must be >= 0, got {cfg.fusion.layers}")
+    if cfg.fusion.mode == "blip" and cfg.fusion.layers > t.depth:
+        raise ConfigError(
+            f"{path}.fusion.layers={cfg.fusion.layers} exceeds text.depth={t.depth} "
+            "(blip mode puts cross-attention inside text layers)"
+        )
+
+
+def resolve_student(data: dict, path: str = "student") -> StudentConfig:
+    """`{preset, init, <model fields>}` -> StudentConfig, model fields overriding the preset."""
+    data = dict(data or {})
+    preset = data.pop("preset", "") or ""
+    init = data.pop("init", {}) or {}
+    model = data.pop("model", {}) or {}
+    model = deep_merge(model, data)  # `student.vision.depth` and `student.model.vision.depth` both work
+    base: dict = {}
+    if preset:
+        from dlip_ds.models.presets import preset_dict
+
+        base = preset_dict(preset)
+    return StudentConfig(
+        preset=preset,
+        model=model_config_from_dict(deep_merge(base, model), f"{path}"),
+        init=from_dict(InitConfig, init, f"{path}.init"),
+    )
+
+
+# --------------------------------------------------------------------------- recipes
+
+RECIPE_DIR = "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    root = resources.files("dlip_ds") / RECIPE_DIR
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_recipe_dict(name_or_path: str) -> tuple[dict, Path | None]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return yaml.safe_load(path.read_text()) or {}, path
+    res = resources.files("dlip_ds") / RECIPE_DIR / f"{name_or_path}.yaml"
+    if not res.is_file():
+        names = shipped_recipes()
+        raise ConfigError(
+            f"no recipe '{name_or_path}': not a file, and not a shipped recipe{_did_you_mean(name_or_path, names)}; "
+            f"shipped: {', '.join(names)}"
+        )
+    return yaml.safe_load(res.read_text()) or {}, None
+
+
+def load_recipe_dict(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict:
+    """Raw recipe dict with `base:` inheritance resolved and overrides applied."""
+    data, path = _read_recipe_dict(name_or_path)
+    base = data.pop("base", None)
+    if base:
+        if path is not None and not Path(base).is_absolute() and (path.parent / base).exists():
+            base = str(path.parent / base)
+        data = deep_merge(load_recipe_dict(base), data)
+    for ov in overrides:
+        data = deep_merge(data, parse_override(ov))
+    return data
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    data = dict(data)
+    student = resolve_student(data.pop("student", {}) or {})
+    recipe = from_dict(Recipe, data)
+    recipe.student = student
+    validate_recipe(recipe)
+    return recipe
+
+
+def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Load a recipe (a YAML path or a shipped recipe name) with dotted overrides, validated."""
+    data = load_recipe_dict(name_or_path, overrides)
+    data.setdefault("name", Path(name_or_path).stem)
+    return recipe_from_dict(data)
+
+
+_KD_KINDS = ("repr", "attn", "logit")
+_KD_MODULES = {"repr": ("vision", "text", "fusion", "decoder"), "attn": ("vision", "text", "fusion", "decoder"),
+               "logit": ("itc", "itm", "lm")}
+
+
+def _is_remote(spec: str) -> bool:
+    return spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or "{" in spec
+
+
+def validate_recipe(r: Recipe) -> None:
+    for i, term in enumerate(r.loss.kd):
+        where = f"loss.kd[{i}]"
+        if term.kind not in _KD_KINDS:
+            raise ConfigError(f"{where}.kind must be one of {_KD_KINDS}, got '{term.kind}'")
+        if term.module not in _KD_MODULES[term.kind]:
+            raise ConfigError(f"{where}.module must be one of {_KD_MODULES[term.kind]} for kind '{term.kind}', got '{term.module}'")
+        if term.kind == "attn" and term.attn not in ("self", "cross"):
+            raise ConfigError(f"{where}.attn must be 'self' or 'cross', got '{term.attn}'")
+        if term.kind == "attn" and term.attn == "cross" and term.module not in ("fusion", "decoder"):
+            raise ConfigError(f"{where}: cross-attention exists only in fusion and decoder, not '{term.module}'")
+        if isinstance(term.layers, str):
+            if term.layers not in ("uniform", "last-k"):
+                raise ConfigError(f"{where}.layers must be 'uniform', 'last-k' or a list of [student, teacher] pairs")
+        elif not (isinstance(term.layers, list) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in term.layers)):
+            raise ConfigError(f"{where}.layers: expected a list of [student, teacher] integer pairs, got {term.layers!r}")
+        if term.temperature <= 0:
+            raise ConfigError(f"{where}.temperature must be > 0")
+    if r.loss.kd and not r.teacher.source:
+        raise ConfigError("loss.kd lists distillation terms but teacher.source is empty")
+    if r.loss.itc_soft_targets not in ("none", "momentum", "teacher"):
+        raise ConfigError(f"loss.itc_soft_targets must be none|momentum|teacher, got '{r.loss.itc_soft_targets}'")
+    if r.loss.itc_soft_targets == "teacher" and not r.teacher.source:
+        raise ConfigError("loss.itc_soft_targets=teacher needs teacher.source")
+    if r.loss.itc_soft_targets == "momentum" and not r.student.model.momentum:
+        raise ConfigError("loss.itc_soft_targets=momentum needs student.momentum=true")
+    if r.loss.hard_negatives_from not in ("teacher", "student"):
+        raise ConfigError(f"loss.hard_negatives_from must be teacher|student, got '{r.loss.hard_negatives_from}'")
+    if r.loss.hard_negatives_from == "teacher" and not r.teacher.source:
+        r.loss.hard_negatives_from = "student"  # pretraining: there is no teacher to ask
+    if r.teacher.dtype not in ("auto", "fp16", "bf16", "fp32"):
+        raise ConfigError(f"teacher.dtype must be auto|fp16|bf16|fp32, got '{r.teacher.dtype}'")
+    for name in ("batch_size", "workers"):
+        if getattr(r.data, name) < (1 if name == "batch_size" else 0):
+            raise ConfigError(f"data.{name} has an invalid value {getattr(r.data, name)}")
+    if r.data.weights is not None:
+        n = len(r.data.train_shards) if isinstance(r.data.train_shards, list) else 1
+        if len(r.data.weights) != n:
+            raise ConfigError(f"data.weights has {len(r.data.weights)} entries for {n} train_shards sources")
+    if r.data.tokenizer and not Path(r.data.tokenizer).exists() and "/" in r.data.tokenizer \
+            and (r.data.tokenizer.startswith((".", "/", "~"))):
+        raise ConfigError(f"data.tokenizer: no such directory {r.data.tokenizer}")
+    if r.train.max_steps < 1 or r.train.grad_accum < 1:
+        raise ConfigError("train.max_steps and train.grad_accum must be >= 1")
+
+
+def check_local_shards(spec: Any, field_name: str) -> None:
+    """Fail early on local shard specs that point at nothing (remote and brace specs are left to the loader)."""
+    specs = spec if isinstance(spec, list) else [spec]
+    for s in specs:
+        s = str(s)
+        if not s or _is_remote(s):
+            continue
+        if not Path(s).exists():
+            raise ConfigError(f"{field_name}: no such file or directory: {s}")
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    data = to_dict(recipe)
+    student = data.pop("student")
+    data["student"] = {"preset": student["preset"], "init": student["init"], **student["model"]}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
