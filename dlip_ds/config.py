@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,21 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` (no dot) as a float, as people write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 # --------------------------------------------------------------------------- model
@@ -287,7 +303,7 @@ def parse_override(text: str) -> dict:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override '{text}': empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = load_yaml(raw) if raw.strip() else ""
     out: dict = {}
     cur = out
     for p in parts[:-1]:
@@ -363,7 +379,7 @@ def _read_recipe_dict(name_or_path: str) -> tuple[dict, Path | None]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file not found: {path}")
-        return yaml.safe_load(path.read_text()) or {}, path
+        return load_yaml(path.read_text()) or {}, path
     res = resources.files("dlip_ds") / RECIPE_DIR / f"{name_or_path}.yaml"
     if not res.is_file():
         names = shipped_recipes()
@@ -371,7 +387,7 @@ def _read_recipe_dict(name_or_path: str) -> tuple[dict, Path | None]:
             f"no recipe '{name_or_path}': not a file, and not a shipped recipe{_did_you_mean(name_or_path, names)}; "
             f"shipped: {', '.join(names)}"
         )
-    return yaml.safe_load(res.read_text()) or {}, None
+    return load_yaml(res.read_text()) or {}, None
 
 
 def load_recipe_dict(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict:
