@@ -1,0 +1,1 @@
+"""Pretraining objectives (`pretrain`) and the distillation plan (`distill`)."""
