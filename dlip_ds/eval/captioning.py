@@ -1,0 +1,127 @@
+"""Image captioning: beam search with BLIP's defaults, scored with pycocoevalcap.
+
+pycocoevalcap's PTB tokenizer and METEOR run on Java. Without `java` the captions are tokenised by
+`simple_tokenize` (lower case, punctuation split off and dropped, as the PTB tokenizer's output is
+filtered) and METEOR is left out, with a warning; BLEU, ROUGE-L and CIDEr are pure Python.
+Scores are reported x100, as BLIP's paper does.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionSettings:
+    """BLIP's captioning defaults (`configs/caption_coco.yaml`)."""
+
+    num_beams: int = 3
+    max_length: int = 20
+    min_length: int = 5
+    prompt: str = "a picture of "
+    repetition_penalty: float = 1.0
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def simple_tokenize(captions: dict) -> dict:
+    """{id: [caption, ...]} -> {id: [tokenised caption, ...]} without Java."""
+    return {k: [" ".join(_PUNCT.sub(" ", c.lower()).split()) for c in v] for k, v in captions.items()}
+
+
+def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
+    """BLEU-1..4, METEOR (with Java), ROUGE-L and CIDEr x100 of {id: caption} against {id: [captions]}."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if set(predictions) != set(references):
+        raise ValueError("predictions and references must cover the same image ids")
+    if not predictions:
+        raise ValueError("no captions to score")
+    java = java_available()
+    res = {k: [v] for k, v in predictions.items()}
+    gts = {k: list(v) for k, v in references.items()}
+    if java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        # PTBTokenizer takes COCO's [{"caption": ...}] lists.
+        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
+    else:
+        log.warning("java not found: captions tokenised on whitespace instead of the PTB tokenizer, METEOR skipped")
+        gts, res = simple_tokenize(gts), simple_tokenize(res)
+    out: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out.update({f"bleu{i + 1}": 100.0 * b for i, b in enumerate(bleu)})
+    if java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        meteor = Meteor()  # a Java subprocess, ended when the object is collected
+        out["meteor"] = 100.0 * meteor.compute_score(gts, res)[0]
+        del meteor
+    out["rouge_l"] = 100.0 * Rouge().compute_score(gts, res)[0]
+    out["cider"] = 100.0 * Cider().compute_score(gts, res)[0]
+    return out
+
+
+@torch.no_grad()
+def generate_captions(model, eval_set, tokenizer, *, settings: CaptionSettings | None = None, batch_size: int = 64,
+                      device: torch.device | None = None, rank: int | None = None, world_size: int | None = None,
+                      progress: bool = True) -> list[dict]:
+    """One caption per image, `[{"image_id", "caption"}]` in image order, gathered from every rank."""
+    from dlip_ds.data import eval_transform
+    from dlip_ds.eval.retrieval import _dist_info, _model_device
+
+    settings = settings or CaptionSettings()
+    rank, world_size = _dist_info(rank, world_size)
+    device = device or _model_device(model)
+    transform = eval_transform(model.cfg.vision)
+    n_batches = -(-len(eval_set.image_ids) // batch_size)
+    was_training = model.training
+    model.eval()
+    mine: list[tuple[int, list[str]]] = []
+    try:
+        batches = eval_set.image_batches(batch_size, transform)
+        for b, pixels in enumerate(tqdm(batches, total=n_batches, desc="captions", disable=not progress or rank)):
+            if b % world_size != rank:  # batches are dealt round-robin across ranks
+                continue
+            captions = model.generate(pixels.to(device), tokenizer=tokenizer, prompt=settings.prompt,
+                                      num_beams=settings.num_beams, max_length=settings.max_length,
+                                      min_length=settings.min_length,
+                                      repetition_penalty=settings.repetition_penalty)
+            mine.append((b, captions))
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        parts: list = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = [item for part in parts for item in part]
+    captions = [c for _, batch in sorted(mine, key=lambda x: x[0]) for c in batch]
+    return [{"image_id": i, "caption": c} for i, c in zip(eval_set.image_ids, captions, strict=True)]
+
+
+def evaluate_captioning(model, eval_set, tokenizer, *, settings: CaptionSettings | None = None,
+                        batch_size: int = 64, device: torch.device | None = None, rank: int | None = None,
+                        world_size: int | None = None, progress: bool = True) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, captions): generated captions scored against every reference caption of their image."""
+    captions = generate_captions(model, eval_set, tokenizer, settings=settings, batch_size=batch_size, device=device,
+                                 rank=rank, world_size=world_size, progress=progress)
+    predictions = {i: c["caption"] for i, c in enumerate(captions)}
+    references = {i: [eval_set.captions[t] for t in texts] for i, texts in enumerate(eval_set.img2txt)}
+    return caption_metrics(predictions, references), captions

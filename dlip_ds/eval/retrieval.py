@@ -1,0 +1,193 @@
+"""Image-text retrieval with BLIP's protocol.
+
+ITC similarities rank every image against every text; the top-k candidates of each query are then
+re-scored by the ITM head, and their score becomes ITM match logit + ITC similarity (BLIP's
+`train_retrieval.py: evaluation`). Candidates outside the top k keep their ITC order below every
+re-ranked one (BLIP gives them all -100, which only matters when k < 10). Rows are split across
+ranks and the score matrices are summed with `all_reduce`, as BLIP does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+# Added to the ITC similarity of candidates outside the top k so that every re-ranked one stays above.
+_BELOW_TOPK = -1.0e4
+
+
+def _ranks(scores: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the best-scored ground truth of each row; ties count against the model."""
+    best = scores.masked_fill(~gt, float("-inf")).amax(dim=1, keepdim=True)
+    return ((scores >= best) & ~gt).sum(dim=1)
+
+
+def _gt_mask(n_img: int, n_txt: int, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> torch.Tensor:
+    if len(img2txt) != n_img or len(txt2img) != n_txt:
+        raise ValueError(
+            f"score matrix is [{n_img}, {n_txt}] but img2txt has {len(img2txt)} images and txt2img {len(txt2img)} texts"
+        )
+    gt = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    for i, texts in enumerate(img2txt):
+        if not len(texts):
+            raise ValueError(f"image {i} has no ground-truth caption")
+        gt[i, list(texts)] = True
+    t2i = torch.zeros_like(gt)
+    t2i[torch.as_tensor(list(txt2img)), torch.arange(n_txt)] = True
+    if not torch.equal(gt, t2i):
+        raise ValueError("img2txt and txt2img disagree about which caption belongs to which image")
+    return gt
+
+
+def recall_at_k(
+    scores_i2t: torch.Tensor,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    scores_t2i: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Recall@1/5/10 in percent, BLIP's names: `txt_r*` image->text, `img_r*` text->image.
+
+    `scores_i2t` is [Ni, Nt]; `scores_t2i` [Nt, Ni] defaults to its transpose (the ITC-only case;
+    with ITM re-ranking the two directions re-rank different candidates). An image query is a hit
+    when any of its captions is within the top k.
+    """
+    scores_i2t = torch.as_tensor(scores_i2t).float().cpu()
+    scores_t2i = scores_i2t.t() if scores_t2i is None else torch.as_tensor(scores_t2i).float().cpu()
+    n_img, n_txt = scores_i2t.shape
+    if scores_t2i.shape != (n_txt, n_img):
+        raise ValueError(f"scores_t2i is {list(scores_t2i.shape)}, expected [{n_txt}, {n_img}]")
+    gt = _gt_mask(n_img, n_txt, img2txt, txt2img)
+    out: dict[str, float] = {}
+    for prefix, ranks in (("txt", _ranks(scores_i2t, gt)), ("img", _ranks(scores_t2i, gt.t()))):
+        for k in KS:
+            out[f"{prefix}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+        out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{k}"] for k in KS) / len(KS)
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_eval_set(model, eval_set, tokenizer, *, batch_size: int = 64, max_length: int = 35,
+                    device: torch.device | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Unimodal features of every image and caption: ITC features, image token embeddings, text ids.
+
+    Captions are tokenised with [CLS] first (the text encoder); `itm_ids` swaps it for [ENC].
+    """
+    from dlip_ds.data import eval_transform
+
+    device = device or _model_device(model)
+    transform = eval_transform(model.cfg.vision)
+    image_feat, image_embeds = [], []
+    n_batches = -(-len(eval_set.image_ids) // batch_size)
+    for pixels in tqdm(eval_set.image_batches(batch_size, transform), total=n_batches, desc="images",
+                       disable=not progress, leave=False):
+        out = model.encode_image(pixels.to(device))
+        image_feat.append(out.feat.float())
+        image_embeds.append(out.embeds)
+    tok = tokenizer(list(eval_set.captions), padding="longest", truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    text_feat = []
+    for s in tqdm(range(0, len(ids), batch_size), desc="texts", disable=not progress, leave=False):
+        text_feat.append(model.encode_text(ids[s:s + batch_size], mask[s:s + batch_size]).feat.float())
+    itm_ids = ids.clone()
+    itm_ids[:, 0] = tokenizer.enc_token_id
+    return {
+        "image_feat": torch.cat(image_feat), "image_embeds": torch.cat(image_embeds),
+        "text_feat": torch.cat(text_feat), "itm_ids": itm_ids, "attention_mask": mask,
+    }
+
+
+@torch.no_grad()
+def _itm_match_logits(model, feats: dict, img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """ITM "match" logits of (image, text) pairs, `batch_size` pairs per forward pass."""
+    out = []
+    for s in range(0, len(img_idx), batch_size):
+        i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
+        fused = model.fuse(feats["image_embeds"][i], feats["itm_ids"][t], feats["attention_mask"][t])
+        out.append(fused.itm_logits[:, 1].float())
+    return torch.cat(out) if out else torch.zeros(0, device=img_idx.device)
+
+
+def _rerank(model, feats: dict, sims: torch.Tensor, k: int, rows: range, queries_are_images: bool,
+            batch_size: int, progress: bool) -> torch.Tensor:
+    """Scores of `rows` of `sims` (zeros elsewhere): top-k by ITC re-scored as ITM logit + ITC."""
+    scores = torch.zeros_like(sims)
+    if not len(rows):
+        return scores
+    block = sims[rows.start:rows.stop]
+    scores[rows.start:rows.stop] = block + _BELOW_TOPK
+    top_sim, top_idx = block.topk(k, dim=1)
+    # A few query rows per chunk, so that small models still fuse `batch_size` pairs per pass.
+    rows_per_chunk = max(1, batch_size // k)
+    bar = tqdm(total=len(rows), desc="ITM re-rank " + ("i2t" if queries_are_images else "t2i"), disable=not progress)
+    for s in range(0, len(rows), rows_per_chunk):
+        q = torch.arange(s, min(s + rows_per_chunk, len(rows)), device=sims.device)
+        query = (q + rows.start).repeat_interleave(k)
+        cand = top_idx[q].reshape(-1)
+        img_idx, txt_idx = (query, cand) if queries_are_images else (cand, query)
+        itm = _itm_match_logits(model, feats, img_idx, txt_idx, batch_size).view(len(q), k)
+        scores[q + rows.start] = scores[q + rows.start].scatter(1, top_idx[q], itm + top_sim[q])
+        bar.update(len(q))
+    bar.close()
+    return scores
+
+
+def _row_slice(n: int, rank: int, world_size: int) -> range:
+    step = -(-n // world_size)
+    return range(min(n, rank * step), min(n, (rank + 1) * step))
+
+
+@torch.no_grad()
+def retrieval_scores(model, eval_set, tokenizer, *, k: int = 256, itc_only: bool = False, batch_size: int = 64,
+                     device: torch.device | None = None, rank: int | None = None, world_size: int | None = None,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores_i2t [Ni, Nt], scores_t2i [Nt, Ni]) on the CPU; every rank returns the full matrices."""
+    rank, world_size = _dist_info(rank, world_size)
+    progress = progress and rank == 0
+    was_training = model.training
+    model.eval()
+    try:
+        feats = encode_eval_set(model, eval_set, tokenizer, batch_size=batch_size, device=device, progress=progress)
+        sims = feats["image_feat"] @ feats["text_feat"].t()
+        if itc_only:
+            return sims.cpu(), sims.t().cpu()
+        n_img, n_txt = sims.shape
+        i2t = _rerank(model, feats, sims, min(k, n_txt), _row_slice(n_img, rank, world_size), True,
+                      batch_size, progress)
+        t2i = _rerank(model, feats, sims.t().contiguous(), min(k, n_img), _row_slice(n_txt, rank, world_size),
+                      False, batch_size, progress)
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(i2t)
+        dist.all_reduce(t2i)
+    return i2t.cpu(), t2i.cpu()
+
+
+def evaluate_retrieval(model, eval_set, tokenizer, *, k: int = 256, itc_only: bool = False, batch_size: int = 64,
+                       device: torch.device | None = None, rank: int | None = None, world_size: int | None = None,
+                       progress: bool = True) -> dict[str, float]:
+    """BLIP's retrieval metrics of `model` on `eval_set` (an `dlip_ds.data.EvalSet`), in percent."""
+    i2t, t2i = retrieval_scores(model, eval_set, tokenizer, k=k, itc_only=itc_only, batch_size=batch_size,
+                                device=device, rank=rank, world_size=world_size, progress=progress)
+    return recall_at_k(i2t, eval_set.img2txt, eval_set.txt2img, t2i)
