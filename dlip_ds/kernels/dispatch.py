@@ -1,0 +1,41 @@
+"""Backend choice for the fused loss kernels.
+
+"auto" runs the fused implementation on CUDA tensors and the PyTorch reference elsewhere.
+A Triton backend on CPU tensors only works under the Triton interpreter, which must be
+selected (`TRITON_INTERPRET=1`) before `triton` is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, choices: tuple[str, ...]) -> str:
+    """Map `backend` (one of `choices` or "auto") to a concrete backend for tensors on `device`.
+
+    `choices[0]` is the fused backend that "auto" uses on CUDA; "torch" is the reference.
+    """
+    if backend not in (*choices, "auto"):
+        raise ValueError(f"{op}: backend must be one of {('auto', *choices)}, got {backend!r}")
+    if backend == "auto":
+        backend = choices[0] if device.type == "cuda" else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend='triton' needs the `triton` package (pip install triton)")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise RuntimeError(
+                f"{op}: backend='triton' on {device.type} tensors runs only under the Triton interpreter; "
+                "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'"
+            )
+    return backend

@@ -1,0 +1,89 @@
+"""Representation distillation over all mapped layer pairs of a module: sum over pairs of
+MSE(h_s W^T + b, h_t), averaged over kept tokens and teacher channels.
+
+Two forms give the same value: "torch" runs one linear and one MSE per pair; "fused" keeps only
+the unpadded tokens and runs every pair in one batched matmul (torch.baddbmm) over stacked
+layers, when all pairs share their shapes. benchmarks/kernels.py times both; "auto" picks the
+one that measured faster there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import accumulate, repr_kd_separate
+
+BACKENDS = ("fused", "torch")
+# benchmarks/kernels.py (see benchmarks/kernels.md): the form "auto" uses, per device type
+AUTO_FORM = {"cpu": "fused", "cuda": "fused"}
+
+
+def _stackable(h_s, h_t, weights, biases) -> bool:
+    def same(xs):
+        return len({(tuple(x.shape), x.dtype) for x in xs}) == 1
+
+    return same(h_s) and same(h_t) and same(weights) and (
+        all(b is None for b in biases) or (all(b is not None for b in biases) and same(biases))
+    )
+
+
+def repr_kd_fused(h_s, h_t, weights, biases, *, mask=None) -> torch.Tensor:
+    """All pairs in one baddbmm over [L, tokens, D] stacks of the kept tokens."""
+    keep = None if mask is None else (~mask).reshape(-1).nonzero().squeeze(1)
+
+    def tokens(h):  # [B, N, D] -> [kept, D]
+        h = h.reshape(-1, h.shape[-1])
+        return h if keep is None else h.index_select(0, keep)
+
+    hs = torch.stack([tokens(h) for h in h_s])  # [L, T, Ds]
+    ht = torch.stack([tokens(h.detach()) for h in h_t])  # [L, T, Dt]
+    w = torch.stack(weights).transpose(1, 2)  # [L, Ds, Dt]
+    if biases[0] is None:
+        y = torch.bmm(hs, w)
+    else:
+        y = torch.baddbmm(torch.stack(biases).unsqueeze(1), hs, w)
+    err = (accumulate(y) - accumulate(ht)).pow(2).sum()
+    return err / (max(hs.shape[1], 1) * ht.shape[-1])
+
+
+def repr_kd_loss(
+    h_s: list[torch.Tensor],
+    h_t: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sum over layer pairs of mean((h_s W^T + b - h_t)^2) over kept tokens and channels.
+
+    h_s[i] [B, N, Ds], h_t[i] [B, N, Dt], weights[i] [Dt, Ds], biases[i] [Dt] (or None);
+    mask [B, N] bool, True = ignore the token. The teacher is detached. backend: "fused"
+    (one batched matmul when the pairs share shapes, else per pair), "torch" (per pair) or "auto".
+    """
+    biases = [None] * len(weights) if biases is None else list(biases)
+    if not h_s or not len(h_s) == len(h_t) == len(weights) == len(biases):
+        raise ValueError(
+            f"repr_kd_loss: need as many (>= 1) student states, teacher states, weights and biases, got "
+            f"{len(h_s)}, {len(h_t)}, {len(weights)}, {len(biases)}"
+        )
+    for i, (hs, ht, w, b) in enumerate(zip(h_s, h_t, weights, biases)):
+        if hs.dim() != 3 or ht.shape[:-1] != hs.shape[:-1] or tuple(w.shape) != (ht.shape[-1], hs.shape[-1]):
+            raise ValueError(
+                f"repr_kd_loss: pair {i}: need h_s [B, N, Ds], h_t [B, N, Dt], weight [Dt, Ds]; got "
+                f"{tuple(hs.shape)}, {tuple(ht.shape)}, {tuple(w.shape)}"
+            )
+        if b is not None and tuple(b.shape) != (ht.shape[-1],):
+            raise ValueError(f"repr_kd_loss: pair {i}: bias must be [{ht.shape[-1]}], got {tuple(b.shape)}")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != h_s[0].shape[:-1]):
+        raise ValueError(
+            f"repr_kd_loss: mask must be bool {tuple(h_s[0].shape[:-1])} (True = ignore), "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"repr_kd_loss: backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = AUTO_FORM.get(h_s[0].device.type, "torch")
+    if backend == "fused" and _stackable(h_s, h_t, weights, biases):
+        return repr_kd_fused(h_s, h_t, weights, biases, mask=mask)
+    return repr_kd_separate(h_s, h_t, weights, biases, mask=mask)
