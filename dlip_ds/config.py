@@ -165,6 +165,7 @@ class LossConfig:
     hard_negatives_from: str = "teacher"  # teacher | student
     kd: list[KDTerm] = field(default_factory=list)
 
+    itc_same_image: bool = False  # ITC targets: captions of one image (image_ids) all positive; false = one-hot
 
 @dataclass
 class TrainConfig:
