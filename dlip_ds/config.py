@@ -161,11 +161,11 @@ class LossConfig:
     lm: float = 1.0
     label_smoothing: float = 0.1
     itc_soft_targets: str = "none"  # none | momentum | teacher
+    itc_same_image: bool = False  # ITC targets: captions of one image (image_ids) all positive; false = one-hot
     alpha: float = 0.4
     hard_negatives_from: str = "teacher"  # teacher | student
     kd: list[KDTerm] = field(default_factory=list)
 
-    itc_same_image: bool = False  # ITC targets: captions of one image (image_ids) all positive; false = one-hot
 
 @dataclass
 class TrainConfig:
