@@ -53,6 +53,7 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"  # gelu | gelu_new | gelu_pytorch_tanh | relu | silu
     drop_path: float = 0.0
     # CLIP/BLIP normalisation; images are normalised with these by the data pipeline.
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -69,7 +70,10 @@ class TextConfig:
     max_positions: int = 512
     layer_norm_eps: float = 1e-12
     dropout: float = 0.0
+    hidden_act: str = "gelu"
     pad_token_id: int = 0
+    bos_token_id: int = 30522  # [DEC]: first decoder token (generation without a tokenizer)
+    sep_token_id: int = 102  # [SEP]: ends a generated caption
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The MED model family (vit, bert, vlp), presets, checkpoint conversion and export."""

@@ -1,0 +1,449 @@
+"""The MED model (BLIP's multimodal mixture of encoder-decoder): vision encoder, text encoder,
+fusion (cross-attention in the last K text layers, or K extra layers ALBEF-style), a causal decoder,
+ITC projections + temperature, ITM head and an LM head tied to the word embeddings.
+
+The forward passes are split in the stages the distillation step needs (docs/architecture.md, section 2):
+`encode_image`, `encode_text`, `fuse`, `decode`; each takes a `TapRequest` and returns only the tapped
+hidden states and attention q/k (never attention probabilities).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlip_ds.config import ConfigError, ModelConfig, validate_model
+from dlip_ds.models.bert import (
+    BertAttention,
+    BertLayer,
+    LayerTaps,
+    TextEmbeddings,
+    init_bert_weights,
+    run_layers,
+)
+from dlip_ds.models.vit import VisionTransformer, activation
+
+MODULES = ("vision", "text", "fusion", "decoder")
+
+
+@dataclass(frozen=True)
+class TapRequest:
+    """Layers to tap in one module: hidden states (block outputs) and/or projected attention q/k."""
+
+    hidden: tuple[int, ...] = ()
+    self_qk: tuple[int, ...] = ()
+    cross_qk: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.hidden or self.self_qk or self.cross_qk)
+
+
+@dataclass
+class EncoderOutput:
+    embeds: torch.Tensor  # [B, N, D]
+    feat: torch.Tensor  # [B, E], L2-normalised ITC feature
+    taps: dict
+
+
+@dataclass
+class FusionOutput:
+    hidden: torch.Tensor  # [B, L, Dt], output of the last fusion layer
+    itm_logits: torch.Tensor  # [B, 2]
+    taps: dict
+
+
+@dataclass
+class DecoderOutput:
+    hidden: torch.Tensor  # [B, L, Dt], before the LM head
+    taps: dict
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    depth: int
+    width: int
+    heads: int
+    head_dim: int
+    has_cross: bool
+
+
+class TextEncoder(nn.Module):
+    """BERT: embeddings + layers; `cross_from` = index of the first layer carrying cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, depth: int, cross_from: int):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg.text)
+        self.layers = nn.ModuleList(
+            [BertLayer(cfg.text, cfg.vision.width if i >= cross_from else None) for i in range(depth)]
+        )
+
+
+class ITCHead(nn.Module):
+    """ITC projections and the learnable temperature (a submodule, so ZeRO-3 hooks gather it)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+
+
+class LMHead(nn.Module):
+    """BERT's prediction-head transform and the output bias; the output weight is the word embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        t = cfg.text
+        self.dense = nn.Linear(t.width, t.width)
+        self.act = activation(t.hidden_act, "text.hidden_act")
+        self.norm = nn.LayerNorm(t.width, eps=t.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(t.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden)))
+
+
+class Decoder(nn.Module):
+    """Causal decoder running the same layer sequence as the multimodal pass.
+
+    share=True (BLIP): only the self-attention of each layer is the decoder's own; embeddings,
+    cross-attention and feed-forward are the text encoder's. share=False: a separate full stack.
+    """
+
+    def __init__(self, cfg: ModelConfig, fused_depth: int, cross_from: int):
+        super().__init__()
+        self.share = cfg.decoder.share
+        if self.share:
+            self.self_attn = nn.ModuleList([BertAttention(cfg.text, cfg.text.width) for _ in range(fused_depth)])
+        else:
+            self.stack = TextEncoder(cfg, fused_depth, cross_from)
+
+
+class MomentumEncoders(nn.Module):
+    """EMA copies of the unimodal encoders and ITC projections (BLIP's `*_m`), never trained by gradients."""
+
+    def __init__(self, vision: nn.Module, text: nn.Module, itc: ITCHead):
+        super().__init__()
+        self.vision = copy.deepcopy(vision)
+        self.text = copy.deepcopy(text)
+        self.vision_proj = copy.deepcopy(itc.vision_proj)
+        self.text_proj = copy.deepcopy(itc.text_proj)
+        self.requires_grad_(False)
+
+
+class VLPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        self.cfg = cfg
+        t, k = cfg.text, cfg.fusion.layers
+        albef = cfg.fusion.mode == "albef"
+        self.vision = VisionTransformer(cfg.vision)
+        # blip: cross-attention inside text layers depth-K..depth-1; albef: K extra layers after the text.
+        self.text = TextEncoder(cfg, t.depth, t.depth if albef else t.depth - k)
+        self.fusion = nn.ModuleList([BertLayer(t, cfg.vision.width) for _ in range(k if albef else 0)])
+        self.itc = ITCHead(cfg)
+        self.itm_head = nn.Linear(t.width, 2)
+        self._fusion_start = t.depth if albef else t.depth - k
+        if cfg.decoder.enabled:
+            self.decoder = Decoder(cfg, len(self._fused_layers()), self._fusion_start)
+            self.lm_head = LMHead(cfg)
+        for m in (self.text, self.fusion, self.itc, self.itm_head, getattr(self, "decoder", None),
+                  getattr(self, "lm_head", None)):
+            if m is not None:
+                m.apply(init_bert_weights)
+        if cfg.momentum:
+            self.momentum = MomentumEncoders(self.vision, self.text, self.itc)
+
+    # ------------------------------------------------------------------ structure
+
+    def _fused_layers(self) -> list[BertLayer]:
+        return list(self.text.layers) + list(self.fusion)
+
+    def _require_decoder(self) -> None:
+        if not self.cfg.decoder.enabled:
+            raise ConfigError("this model has no decoder (decoder.enabled=false)")
+
+    def module_info(self, module: str) -> ModuleInfo:
+        v, t, k = self.cfg.vision, self.cfg.text, self.cfg.fusion.layers
+        if module == "vision":
+            return ModuleInfo(v.depth, v.width, v.heads, v.width // v.heads, False)
+        if module == "text":
+            return ModuleInfo(t.depth, t.width, t.heads, t.width // t.heads, False)
+        if module == "fusion":
+            return ModuleInfo(k, t.width, t.heads, t.width // t.heads, k > 0)
+        if module == "decoder":
+            self._require_decoder()
+            return ModuleInfo(len(self._fused_layers()), t.width, t.heads, t.width // t.heads, k > 0)
+        raise ValueError(f"unknown module '{module}'; expected one of {MODULES}")
+
+    def _check_taps(self, module: str, taps: TapRequest | None) -> TapRequest:
+        taps = taps or TapRequest()
+        info = self.module_info(module)
+        for kind in ("hidden", "self_qk", "cross_qk"):
+            for i in getattr(taps, kind):
+                if not 0 <= i < info.depth:
+                    raise ValueError(f"{module} tap {kind}={i} is out of range: {module} has {info.depth} layers")
+        if taps.cross_qk and not info.has_cross:
+            raise ValueError(f"{module} has no cross-attention; cross_qk taps are for fusion and decoder")
+        return taps
+
+    # ------------------------------------------------------------------ masks
+
+    @staticmethod
+    def _self_mask(attention_mask, q_len: int, causal: bool, past: int = 0, device=None):
+        """Bool mask (True = attend) broadcastable to [B, H, q_len, past + q_len], or None when nothing is masked."""
+        k_len = past + q_len
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()[:, None, None, :k_len]
+        if causal and q_len > 1:
+            tril = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=past)
+            mask = tril if mask is None else mask & tril
+        return mask
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_image(self, pixel_values: torch.Tensor, taps: TapRequest | None = None) -> EncoderOutput:
+        taps = self._check_taps("vision", taps)
+        embeds, tapped = self.vision(pixel_values, hidden=taps.hidden, self_qk=taps.self_qk)
+        feat = F.normalize(self.itc.vision_proj(embeds[:, 0]), dim=-1)
+        return EncoderOutput(embeds, feat, {**tapped, "cross_qk": {}})
+
+    def encode_text(self, input_ids, attention_mask, taps: TapRequest | None = None) -> EncoderOutput:
+        taps = self._check_taps("text", taps)
+        lt = LayerTaps(taps.hidden, taps.self_qk)
+        x = self.text.embeddings(input_ids)
+        x = run_layers(self.text.layers, x, self._self_mask(attention_mask, x.shape[1], False), taps=lt)
+        feat = F.normalize(self.itc.text_proj(x[:, 0]), dim=-1)
+        return EncoderOutput(x, feat, lt.out)
+
+    def fuse(self, image_embeds, input_ids, attention_mask, taps: TapRequest | None = None) -> FusionOutput:
+        if self.cfg.fusion.layers == 0:
+            raise ConfigError("this model has no fusion layers (fusion.layers=0)")
+        taps = self._check_taps("fusion", taps)
+        s = self._fusion_start
+        lt = LayerTaps(*(tuple(i + s for i in getattr(taps, f)) for f in ("hidden", "self_qk", "cross_qk")))
+        x = self.text.embeddings(input_ids)
+        x = run_layers(self._fused_layers(), x, self._self_mask(attention_mask, x.shape[1], False),
+                       context=image_embeds, taps=lt)
+        out = {kind: {i - s: v for i, v in d.items()} for kind, d in lt.out.items()}
+        return FusionOutput(x, self.itm_head(x[:, 0]), out)
+
+    def _decode_hidden(self, image_embeds, input_ids, attention_mask, lt=None, caches=None, past=0):
+        dec = self.decoder
+        embeddings = self.text.embeddings if dec.share else dec.stack.embeddings
+        layers = self._fused_layers() if dec.share else list(dec.stack.layers)
+        x = embeddings(input_ids, offset=past)
+        mask = self._self_mask(attention_mask, x.shape[1], True, past, x.device)
+        return run_layers(layers, x, mask, context=image_embeds, taps=lt, caches=caches,
+                          self_attns=dec.self_attn if dec.share else None)
+
+    def decode(self, image_embeds, input_ids, attention_mask, taps: TapRequest | None = None) -> DecoderOutput:
+        self._require_decoder()
+        taps = self._check_taps("decoder", taps)
+        lt = LayerTaps(taps.hidden, taps.self_qk, taps.cross_qk)
+        return DecoderOutput(self._decode_hidden(image_embeds, input_ids, attention_mask, lt), lt.out)
+
+    def temperature(self) -> torch.Tensor:
+        return self.itc.temp.clamp(0.001, 0.5)
+
+    def lm_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._require_decoder()
+        return self.lm_head(hidden)
+
+    def lm_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [V, Dt], bias [V]); the weight is the decoder's word embedding (tied)."""
+        self._require_decoder()
+        emb = self.text.embeddings if self.decoder.share else self.decoder.stack.embeddings
+        return emb.word_embeddings.weight, self.lm_head.bias
+
+    def lm_logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.lm_projection()
+        return F.linear(self.lm_features(hidden), weight, bias)
+
+    # ------------------------------------------------------------------ task methods
+
+    def itc_features(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(pixel_values).feat, self.encode_text(input_ids, attention_mask).feat
+
+    def itm_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        return self.fuse(self.encode_image(pixel_values).embeds, input_ids, attention_mask).itm_logits
+
+    def lm_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        hidden = self.decode(self.encode_image(pixel_values).embeds, input_ids, attention_mask).hidden
+        return self.lm_logits_from_hidden(hidden)
+
+    # ------------------------------------------------------------------ momentum (BLIP ITC soft targets)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA step: p_m = c * p_m + (1 - c) * p, c = cfg.momentum_coef."""
+        c = self.cfg.momentum_coef
+        for online, ema in self._momentum_pairs():
+            ema.mul_(c).add_(online.detach(), alpha=1.0 - c)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Copy the online weights into the momentum encoders (BLIP does this at construction)."""
+        for online, ema in self._momentum_pairs():
+            ema.copy_(online)
+
+    def _momentum_pairs(self):
+        if not self.cfg.momentum:
+            raise ConfigError("this model has no momentum encoders (momentum=false)")
+        m = self.momentum
+        for online, ema in ((self.vision, m.vision), (self.text, m.text), (self.itc.vision_proj, m.vision_proj),
+                            (self.itc.text_proj, m.text_proj)):
+            yield from zip(online.parameters(), ema.parameters())
+
+    @torch.no_grad()
+    def momentum_itc_features(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised (image_feat_m, text_feat_m) from the momentum encoders, without gradients."""
+        if not self.cfg.momentum:
+            raise ConfigError("momentum_itc_features needs momentum=true")
+        m = self.momentum
+        image_embeds, _ = m.vision(pixel_values)
+        x = m.text.embeddings(input_ids)
+        x = run_layers(m.text.layers, x, self._self_mask(attention_mask, x.shape[1], False))
+        return (F.normalize(m.vision_proj(image_embeds[:, 0]), dim=-1),
+                F.normalize(m.text_proj(x[:, 0]), dim=-1))
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, pixel_values, tokenizer=None, prompt="a picture of ", num_beams=3, max_length=20,
+                 min_length=5, repetition_penalty=1.0):
+        """Caption images as BLIP's captioner: decoder input [DEC] + prompt, stop at [SEP].
+
+        `max_length`/`min_length` count every token, [DEC] and prompt included (transformers' convention,
+        which BLIP uses). `prompt` is text (needs `tokenizer`) or a list of token ids. Returns the captions
+        with the prompt stripped when a tokenizer is given, else the generated token ids (no prompt, no [SEP]).
+        """
+        self._require_decoder()
+        t = self.cfg.text
+        bos, sep = t.bos_token_id, t.sep_token_id
+        if tokenizer is not None:
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else bos
+            sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else sep
+        if isinstance(prompt, str):
+            if prompt and tokenizer is None:
+                raise ValueError("generate: a text prompt needs a tokenizer (or pass prompt as token ids, or '')")
+            prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        else:
+            prompt_ids = [int(i) for i in prompt]
+        if max_length <= len(prompt_ids) + 1:
+            raise ValueError(f"generate: max_length={max_length} leaves no room after [DEC] and the prompt")
+        image_embeds = self.encode_image(pixel_values).embeds
+        start = torch.tensor([[bos] + prompt_ids], device=image_embeds.device).expand(image_embeds.shape[0], -1)
+        search = _greedy if num_beams == 1 else _beam_search
+        seqs = search(self, image_embeds, start, max(num_beams, 1), max_length, min_length,
+                      repetition_penalty, sep)
+        n = start.shape[1]
+        ids = [_until(s[n:], sep) for s in seqs.tolist()]
+        if tokenizer is None:
+            return ids
+        return [_strip_prompt(tokenizer, prompt_ids, g) for g in ids]
+
+    def _next_logits(self, tokens, image_embeds, caches, past):
+        hidden = self._decode_hidden(image_embeds, tokens, None, caches=caches, past=past)
+        return self.lm_logits_from_hidden(hidden[:, -1]).float()
+
+    def _new_caches(self):
+        n = self.module_info("decoder").depth
+        return [{"self": {}, "cross": {}} for _ in range(n)]
+
+
+def _until(ids: list[int], sep: int) -> list[int]:
+    return ids[: ids.index(sep)] if sep in ids else ids
+
+
+def _strip_prompt(tokenizer, prompt_ids: list[int], generated: list[int]) -> str:
+    """BLIP decodes prompt + caption and cuts the prompt text off; that keeps word pieces joined."""
+    text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return text[len(head):].strip() if head and text.startswith(head) else text.strip()
+
+
+def _penalise(scores: torch.Tensor, seqs: torch.Tensor, penalty: float, sep: int, cur_len: int, min_length: int):
+    """transformers' RepetitionPenaltyLogitsProcessor then MinLengthLogitsProcessor, in place."""
+    if penalty != 1.0:
+        seen = scores.gather(1, seqs)
+        scores.scatter_(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+    if cur_len < min_length:
+        scores[:, sep] = -float("inf")
+    return scores
+
+
+def _reorder(caches, index: torch.Tensor) -> None:
+    for c in caches:
+        for kind in ("self", "cross"):
+            for key in list(c[kind]):
+                c[kind][key] = c[kind][key].index_select(0, index)
+
+
+def _greedy(model: VLPModel, image_embeds, start, _beams, max_length, min_length, penalty, sep):
+    seqs, caches, past = start, model._new_caches(), 0
+    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+    pad = model.cfg.text.pad_token_id
+    while seqs.shape[1] < max_length and not bool(done.all()):
+        logits = model._next_logits(seqs[:, past:], image_embeds, caches, past)
+        past = seqs.shape[1]
+        nxt = _penalise(logits, seqs, penalty, sep, seqs.shape[1], min_length).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        done |= nxt == sep
+    return seqs
+
+
+def _beam_search(model: VLPModel, image_embeds, start, beams, max_length, min_length, penalty, sep):
+    """Beam search with transformers' defaults (length_penalty=1 over generated tokens, early_stopping=False)."""
+    b, prompt_len = start.shape
+    dev = start.device
+    image_embeds = image_embeds.repeat_interleave(beams, dim=0)
+    running = start.repeat_interleave(beams, dim=0)  # [b*beams, cur]
+    run_scores = torch.zeros(b, beams, device=dev)
+    run_scores[:, 1:] = -1e9  # only the first beam expands at step one
+    fin_seqs = torch.full((b, beams, max_length), model.cfg.text.pad_token_id, dtype=torch.long, device=dev)
+    fin_scores = torch.full((b, beams), -1e9, device=dev)
+    fin_done = torch.zeros(b, beams, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    caches, past = model._new_caches(), 0
+    top_mask = torch.arange(2 * beams, device=dev) < beams
+    while True:
+        cur = running.shape[1]
+        logits = model._next_logits(running[:, past:], image_embeds, caches, past)
+        past = cur
+        logp = _penalise(F.log_softmax(logits, -1), running, penalty, sep, cur, min_length)
+        vocab = logp.shape[-1]
+        logp = (logp.view(b, beams, vocab) + run_scores[:, :, None]).view(b, -1)
+        top_scores, top_idx = logp.topk(2 * beams, dim=-1)
+        src_beam, token = top_idx // vocab, top_idx % vocab
+        src_flat = (src_beam + torch.arange(b, device=dev)[:, None] * beams).view(-1)
+        cand = torch.cat([running.index_select(0, src_flat), token.view(-1, 1)], dim=1).view(b, 2 * beams, cur + 1)
+        hits = (token == sep) | (cur + 1 >= max_length)
+        # the best `beams` unfinished candidates keep running
+        keep = (top_scores - hits.float() * 1e9).topk(beams, dim=-1).indices
+        run_scores = (top_scores - hits.float() * 1e9).gather(1, keep)
+        keep_flat = (keep + torch.arange(b, device=dev)[:, None] * (2 * beams)).view(-1)
+        running = cand.view(b * 2 * beams, -1).index_select(0, keep_flat)
+        _reorder(caches, src_flat.view(b, 2 * beams).gather(1, keep).view(-1))
+        # finished candidates among the top `beams` enter the hypotheses, scored by generated length
+        new = hits & top_mask[None, :] & improvable
+        normed = torch.where(new, top_scores / (cur + 1 - prompt_len), torch.full_like(top_scores, -1e9))
+        padded = F.pad(cand, (0, max_length - cur - 1), value=model.cfg.text.pad_token_id)
+        all_scores = torch.cat([fin_scores, normed], dim=1)
+        best = all_scores.topk(beams, dim=-1).indices
+        fin_seqs = torch.cat([fin_seqs, padded], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        fin_done = torch.cat([fin_done, new], dim=1).gather(1, best)
+        fin_scores = all_scores.gather(1, best)
+        cur += 1
+        worst = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, -1e9))
+        improvable &= (run_scores[:, :1] / (cur - prompt_len) > worst).any(dim=-1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits.all()) or cur >= max_length:
+            break
+    return fin_seqs[:, 0]
