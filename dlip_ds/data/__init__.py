@@ -1,0 +1,24 @@
+"""The data path: synthetic set, shard preparation, streaming loader, evaluation sets, inspection.
+
+The public names below are imported lazily, so `dlip-ds synth --help` does not pay for torch."""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "load_tokenizer": "text", "clean_caption": "text", "tokenizer_from_config": "text",
+    "make_train_loader": "stream", "make_epoch_loader": "stream",
+    "train_transform": "transforms", "eval_transform": "transforms",
+    "load_eval_set": "evalset", "EvalSet": "evalset",
+    "synth": "synth",
+}
+
+__all__ = ["EvalSet", "clean_caption", "eval_transform", "load_eval_set", "load_tokenizer",
+           "make_epoch_loader", "make_train_loader", "synth", "tokenizer_from_config", "train_transform"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dlip_ds.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"dlip_ds.data.{_EXPORTS[name]}"), name)

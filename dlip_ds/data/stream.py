@@ -1,0 +1,248 @@
+"""The streaming loader: webdataset shards -> batches of tensors (docs/architecture.md section 3).
+
+The chain is open_clip's: shard list (resampled for step-based training, or an exact epoch split by
+rank and dataloader worker), tar reading with a handler that logs and continues, shuffle buffer,
+decode + transform + caption choice, batching with tokenization. Every skipped sample or shard is
+counted by reason and the counts ride along in each batch as `skipped`.
+
+Determinism and resume: shard draws, the shuffle buffer and augmentation use RNGs seeded from
+(seed, start_step, rank, worker), never the process-global ones, so the same arguments give the
+same batches, and a job restarted at `start_step` draws a fresh sequence instead of replaying the
+samples it saw after step 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from webdataset.utils import make_seed
+
+from dlip_ds.config import ConfigError, DataConfig, VisionConfig
+from dlip_ds.data.sample import (
+    BadSample,
+    SkipCounter,
+    decode_image,
+    image_id_of,
+    sample_fields,
+)
+from dlip_ds.data.shards import expand_shards
+from dlip_ds.data.text import clean_caption, encode_captions
+from dlip_ds.data.transforms import eval_transform, hflip_pair, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def source_list(spec) -> list[str]:
+    """`DataConfig.train_shards`/`eval_shards` -> one spec per source."""
+    specs = [str(s) for s in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
+    if not specs or not all(specs):
+        raise ConfigError(f"data shards: empty source in {spec!r}")
+    return specs
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+class _LogAndCount:
+    """webdataset handler: count the failure, log the first few of each kind, continue."""
+
+    def __init__(self, counter: SkipCounter, reason: str):
+        self.counter, self.reason = counter, reason
+
+    def __call__(self, exn: Exception) -> bool:
+        self.counter.add(self.reason)
+        n = self.counter.total[self.reason]
+        if n <= 5 or n % 1000 == 0:
+            log.warning("skipping (%s, %d so far): %s", self.reason, n, exn)
+        return True
+
+
+class _RankWorkerSeed:
+    """`worker_seed` for ResampledShards that uses the rank we were given, not the environment."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self) -> int:
+        return make_seed(self.rank, _worker()[0])
+
+
+class _SplitByRank:
+    """webdataset.split_by_node with the rank we were given (the engine may not have set the env)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src: Iterator) -> Iterator:
+        return itertools.islice(src, self.rank, None, self.world_size)
+
+
+class _PrivateRNG:
+    """Runs augmentation under its own python/torch RNG streams (seeded per worker on first use),
+    so results are deterministic and the trainer's global RNG state is untouched (workers=0)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.state: tuple | None = None
+
+    def __enter__(self):
+        self.saved = (random.getstate(), torch.get_rng_state())
+        if self.state is None:
+            s = make_seed(self.seed, _worker()[0])
+            random.seed(s)
+            torch.default_generator.manual_seed(s)
+        else:
+            random.setstate(self.state[0])
+            torch.set_rng_state(self.state[1])
+
+    def __exit__(self, *exc):
+        self.state = (random.getstate(), torch.get_rng_state())
+        random.setstate(self.saved[0])
+        torch.set_rng_state(self.saved[1])
+
+
+class _WeightedMix(torch.utils.data.IterableDataset):
+    """Interleave sample streams, choosing each next sample's source with the given weights
+    (webdataset.RandomMix draws from the global RNG; this one is seeded per worker)."""
+
+    def __init__(self, sources: Sequence, weights: Sequence[float], seed: int):
+        self.sources, self.weights, self.seed = list(sources), list(weights), seed
+
+    def __iter__(self):
+        rng = random.Random(make_seed(self.seed, _worker()[0]))
+        its = [iter(s) for s in self.sources]
+        while True:
+            i = rng.choices(range(len(its)), weights=self.weights)[0]
+            try:
+                yield next(its[i])
+            except StopIteration:  # a source with no readable shard at all ends the mix
+                return
+
+
+class ToExample:
+    """Raw sample -> {"image": tensor, "caption": str, "image_id": int}, or None to skip.
+
+    Training picks one caption at random and flips with probability 0.5 (swapping left/right in the
+    caption); evaluation keeps the first caption and no randomness."""
+
+    def __init__(self, transform: Callable, counter: SkipCounter, *, max_words: int, train: bool, seed: int):
+        self.transform, self.counter, self.max_words, self.train = transform, counter, max_words, train
+        self.rng = _PrivateRNG(seed)
+
+    def __call__(self, sample: dict) -> dict | None:
+        key = sample.get("__key__", "?")
+        try:
+            ext, captions, meta = sample_fields(sample)
+            captions = [c for c in (clean_caption(c, self.max_words) for c in captions) if c]
+            if not captions:
+                raise BadSample("empty_caption")
+            image = decode_image(sample[ext])
+        except BadSample as e:
+            _LogAndCount(self.counter, e.reason)(f"{sample.get('__url__', '?')}:{key}: {e}")
+            return None
+        with self.rng:
+            caption = random.choice(captions) if self.train else captions[0]
+            if self.train and random.random() < 0.5:
+                image, caption = hflip_pair(image, caption)
+            pixels = self.transform(image)
+        return {"image": pixels, "caption": caption, "image_id": image_id_of(meta, key)}
+
+
+class Collate:
+    """List of examples -> the batch dict of docs/architecture.md section 3."""
+
+    def __init__(self, tokenizer, counter: SkipCounter, *, max_length: int, prompt: str):
+        self.tokenizer, self.counter, self.max_length, self.prompt = tokenizer, counter, max_length, prompt
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = encode_captions(self.tokenizer, [e["caption"] for e in examples], max_length=self.max_length,
+                                prompt=self.prompt)
+        batch["pixel_values"] = torch.stack([e["image"] for e in examples])
+        batch["image_ids"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
+        batch["skipped"] = self.counter.pop()
+        return batch
+
+
+def _drop_none(src: Iterator) -> Iterator:
+    return (s for s in src if s is not None)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def build_pipeline(sources: Sequence[str], tokenizer, *, cfg: DataConfig, transform: Callable, batch_size: int,
+                   resampled: bool, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
+                   start_step: int = 0, weights: Sequence[float] | None = None) -> wds.DataPipeline:
+    """The whole chain as one DataPipeline. `resampled`: infinite, shards drawn with replacement per
+    rank and worker (open_clip's training mode); else one exact epoch, shards split by rank then by
+    worker, in order, with a last partial batch."""
+    counter = SkipCounter()
+    run_seed = make_seed(seed, start_step, rank)
+    read = [wds.tarfile_to_samples(handler=_LogAndCount(counter, "shard_error"))]
+    shuffle = [wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), rng=random.Random(run_seed))] \
+        if train and cfg.shuffle_buffer > 1 else []
+    if resampled:
+        urls = [expand_shards(s) for s in sources]
+        streams = [wds.DataPipeline(wds.ResampledShards(u, seed=run_seed, worker_seed=_RankWorkerSeed(rank),
+                                                        deterministic=True), *read) for u in urls]
+        weights = list(weights) if weights is not None else [float(len(u)) for u in urls]
+        head = [streams[0] if len(streams) == 1 else _WeightedMix(streams, weights, run_seed)]
+    else:
+        urls = [u for s in sources for u in expand_shards(s)]
+        if len(urls) < world_size:
+            log.warning("%d shards for %d ranks: some ranks read nothing", len(urls), world_size)
+        head = [wds.SimpleShardList(urls), _SplitByRank(rank, world_size), wds.split_by_worker, *read]
+    to_example = ToExample(transform, counter, max_words=cfg.max_words, train=train, seed=run_seed)
+    collate = Collate(tokenizer, counter, max_length=cfg.max_length, prompt=cfg.prompt)
+    return wds.DataPipeline(
+        *head,
+        *shuffle,
+        wds.map(to_example),
+        _drop_none,
+        wds.batched(batch_size, collation_fn=collate, partial=not resampled),
+    )
+
+
+def _loader(pipeline, workers: int, seed: int) -> wds.WebLoader:
+    return wds.WebLoader(
+        pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def make_train_loader(cfg: DataConfig, tokenizer, vision: VisionConfig, *, rank: int = 0, world_size: int = 1,
+                      seed: int = 0, start_step: int = 0) -> wds.WebLoader:
+    """Infinite training batches for this rank (docs/architecture.md section 3)."""
+    sources = source_list(cfg.train_shards)
+    if cfg.weights is not None and len(cfg.weights) != len(sources):
+        raise ConfigError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} train_shards sources")
+    transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment)
+    pipeline = build_pipeline(sources, tokenizer, cfg=cfg, transform=transform, batch_size=cfg.batch_size,
+                              resampled=True, train=True, rank=rank, world_size=world_size, seed=seed,
+                              start_step=start_step, weights=cfg.weights)
+    return _loader(pipeline, cfg.workers, make_seed(seed, start_step, rank))
+
+
+def make_epoch_loader(shards, cfg: DataConfig, tokenizer, vision: VisionConfig, *, rank: int = 0,
+                      world_size: int = 1, workers: int | None = None, augment: bool = False,
+                      batch_size: int | None = None, seed: int = 0) -> wds.WebLoader:
+    """One exact pass over `shards` (every sample once across ranks and workers), batched like
+    training; `augment` applies the training transform (as `inspect --augment` shows it)."""
+    transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if augment \
+        else eval_transform(vision)
+    pipeline = build_pipeline(source_list(shards), tokenizer, cfg=cfg, transform=transform,
+                              batch_size=batch_size or cfg.batch_size, resampled=False, train=augment, rank=rank,
+                              world_size=world_size, seed=seed)
+    return _loader(pipeline, cfg.workers if workers is None else workers, make_seed(seed, rank))
+
