@@ -155,7 +155,7 @@ class ToExample:
             if self.train and random.random() < 0.5:
                 image, caption = hflip_pair(image, caption)
             pixels = self.transform(image)
-        return {"image": pixels, "caption": caption, "image_id": image_id_of(meta, key)}
+        return {"image": pixels, "caption": caption, "image_id": image_id_of(meta, key), "num_captions": len(captions)}
 
 
 class Collate:
@@ -169,6 +169,9 @@ class Collate:
                                 prompt=self.prompt)
         batch["pixel_values"] = torch.stack([e["image"] for e in examples])
         batch["image_ids"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
+        # For logs and `inspect`: the caption each row was tokenized from, and how many it had.
+        batch["captions"] = [e["caption"] for e in examples]
+        batch["num_captions"] = torch.tensor([e["num_captions"] for e in examples], dtype=torch.long)
         batch["skipped"] = self.counter.pop()
         return batch
 
