@@ -24,7 +24,7 @@ from dlip_ds.losses.pretrain import (
 )
 
 
-def _naive_ce_rows(sim: torch.Tensor, targets: torch.Tensor) -> float:
+def naive_ce_rows(sim: torch.Tensor, targets: torch.Tensor) -> float:
     """mean over rows of -sum_j t_ij log softmax(s_i)_j, with explicit loops in float64."""
     total = 0.0
     for i in range(sim.shape[0]):
@@ -35,7 +35,7 @@ def _naive_ce_rows(sim: torch.Tensor, targets: torch.Tensor) -> float:
     return total / sim.shape[0]
 
 
-def _naive_softmax(row: list[float]) -> list[float]:
+def naive_softmax(row: list[float]) -> list[float]:
     m = max(row)
     e = [math.exp(v - m) for v in row]
     return [v / sum(e) for v in e]
@@ -56,7 +56,7 @@ def test_itc_one_hot_matches_naive():
     assert targets.tolist() == expected_targets
     got = itc_loss(sim_i2t, sim_t2i, targets)
     t = torch.tensor(expected_targets)
-    naive = (_naive_ce_rows(sim_i2t, t) + _naive_ce_rows(sim_t2i, t)) / 2
+    naive = (naive_ce_rows(sim_i2t, t) + naive_ce_rows(sim_t2i, t)) / 2
     assert abs(got.item() - naive) < 1e-5
 
 
@@ -88,13 +88,13 @@ def test_itc_soft_targets_match_naive():
     def naive_targets(ref):
         out = []
         for i in range(5):
-            p = _naive_softmax([float(v) for v in ref[i]])
+            p = naive_softmax([float(v) for v in ref[i]])
             n_pos = sum(int(ids[j]) == int(ids[i]) for j in range(5))
             out.append([alpha * p[j] + (1 - alpha) * (1 / n_pos if int(ids[j]) == int(ids[i]) else 0) for j in range(5)])
         return torch.tensor(out, dtype=torch.float64)
 
-    naive = (_naive_ce_rows(img @ txt.T / temp, naive_targets(ref_i2t))
-             + _naive_ce_rows(txt @ img.T / temp, naive_targets(ref_t2i))) / 2
+    naive = (naive_ce_rows(img @ txt.T / temp, naive_targets(ref_i2t))
+             + naive_ce_rows(txt @ img.T / temp, naive_targets(ref_t2i))) / 2
     assert abs(got.item() - naive) < 1e-5
     assert torch.allclose(tgt_i2t.sum(1), torch.ones(5))
 
@@ -146,7 +146,7 @@ def test_itm_loss_matches_naive():
     labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
     naive = 0.0
     for i in range(9):
-        p = _naive_softmax([float(v) for v in logits[i]])
+        p = naive_softmax([float(v) for v in logits[i]])
         naive -= math.log(p[int(labels[i])])
     assert abs(itm_loss(logits, labels).item() - naive / 9) < 1e-6
 
@@ -165,7 +165,7 @@ def test_lm_loss_matches_naive(smoothing):
             y = int(labels[i, j + 1])
             if y == -100:
                 continue
-            logp = [math.log(p) for p in _naive_softmax([float(x) for x in logits[i, j]])]
+            logp = [math.log(p) for p in naive_softmax([float(x) for x in logits[i, j]])]
             total += (1 - smoothing) * -logp[y] + smoothing * -sum(logp) / v
             count += 1
     assert abs(lm_loss(logits, labels, smoothing).item() - total / count) < 1e-5
