@@ -93,6 +93,14 @@ def test_pretraining_terms_match_naive():
     assert not any(k.startswith("raw/kd") for k in out.terms)
     again = step(batch, generator=torch.Generator().manual_seed(7))  # the pair plan is deterministic
     assert again.loss.item() == out.loss.item()
+    # captions of one image (image_ids 1, 1) are both positives when asked
+    same = StepModule(student, None, LossConfig(hard_negatives_from="student", itc_same_image=True))(batch)
+    ids = batch["image_ids"]
+    targets = (ids[:, None] == ids[None, :]).double()
+    targets = targets / targets.sum(1, keepdim=True)
+    with torch.no_grad():
+        itc = (naive_ce_rows(img @ txt.T / temp, targets) + naive_ce_rows(txt @ img.T / temp, targets)) / 2
+    assert abs(same.terms["raw/itc"].item() - itc) < 1e-5
 
 
 ATTN_TERMS = [KDTerm(kind="attn", module="text", relation_heads=2, temperature=2.0),
@@ -186,6 +194,12 @@ def test_bf16_teacher_matches_fp32_teacher():
         assert low.terms[name].item() == pytest.approx(value.item(), rel=5e-2, abs=5e-3), name
     low.loss.backward()
     assert all(p.grad is not None for p in step.parameters())
+    # a bf16 student (as under a bf16 DeepSpeed engine) gets its inputs cast and keeps fp32 losses
+    step.to(torch.bfloat16)
+    half = step(batch, teacher=teacher, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(half.loss) and half.loss.dtype == torch.float32
+    assert half.loss.item() == pytest.approx(ref.loss.item(), rel=0.1)
+    half.loss.backward()
 
 
 def test_teacher_soft_targets():

@@ -109,24 +109,26 @@ class StepModule(nn.Module):
                 t_img = teacher.encode_image(pixels.to(t_dtype), t_req.get("vision"))
                 t_txt = teacher.encode_text(ids, att, t_req.get("text"))
                 t_temp = teacher.temperature().float()
+        pixels = pixels.to(next(student.parameters()).dtype)  # a bf16/fp16 engine does not cast inputs
         s_img = student.encode_image(pixels, s_req.get("vision"))
         s_txt = student.encode_text(ids, att, s_req.get("text"))
-        temp = student.temperature()
+        # similarities in fp32 whatever the training dtype: [B, B * world] is small
+        img_feat, txt_feat, temp = s_img.feat.float(), s_txt.feat.float(), student.temperature().float()
 
         # ---- ITC: local queries against keys gathered from every rank
         rank, _ = world_info()
-        image_all, text_all = gather_features(s_img.feat), gather_features(s_txt.feat)
+        image_all, text_all = gather_features(img_feat), gather_features(txt_feat)
         ids_all = gather_features(image_ids) if image_ids is not None else None
         key_ids = ids_all if cfg.itc_same_image else None
-        own_i2t, own_t2i = s_img.feat @ text_all.T / temp, s_txt.feat @ image_all.T / temp
+        own_i2t, own_t2i = img_feat @ text_all.T / temp, txt_feat @ image_all.T / temp
         if self.queue is not None:
             with torch.no_grad():
-                img_m, txt_m = student.momentum_itc_features(pixels, ids, att)
+                img_m, txt_m = (f.float() for f in student.momentum_itc_features(pixels, ids, att))
                 img_m_all, txt_m_all = gather_features(img_m), gather_features(txt_m)
                 q_img, q_txt, q_ids = self.queue.keys()
                 img_keys, txt_keys = torch.cat([img_m_all, q_img]), torch.cat([txt_m_all, q_txt])
             # BLIP: the student's queries meet the momentum keys (batch + queue)
-            sim_i2t, sim_t2i = s_img.feat @ txt_keys.T / temp, s_txt.feat @ img_keys.T / temp
+            sim_i2t, sim_t2i = img_feat @ txt_keys.T / temp, txt_feat @ img_keys.T / temp
             if key_ids is not None:
                 key_ids = torch.cat([key_ids, q_ids])
             targets = itc_targets(image_ids if key_ids is not None else None, key_ids, txt_keys.shape[0],
@@ -158,7 +160,7 @@ class StepModule(nn.Module):
             itm_ids = _require(batch, "itm_input_ids", "ITM text, [ENC] first")
             with torch.no_grad():  # the pair plan: drawn once, from one model's local similarities
                 src_img, src_txt, src_temp = ((t_img.feat, t_txt.feat, t_temp) if negatives_from_teacher
-                                              else (s_img.feat, s_txt.feat, temp))
+                                              else (img_feat, txt_feat, temp))
                 local = src_img.float() @ src_txt.float().T / src_temp.float()
             pairs = sample_hard_negatives(local, local.T, image_ids=image_ids, generator=generator)
             ii, ti = pairs.image_index, pairs.text_index
