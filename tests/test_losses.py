@@ -189,15 +189,40 @@ def test_feature_queue_fifo():
     assert {"image_feat", "text_feat", "image_ids", "ptr", "filled"} <= set(state)
 
 
+def _encoders(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images, texts = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    w_img, w_txt = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    return images, texts, w_img.requires_grad_(), w_txt.requires_grad_()
+
+
+def _itc_on(images, texts, w_img, w_txt, rank: int):
+    """ITC of local queries against gathered keys (the StepModule's form) with linear encoders."""
+    img, txt = F.normalize(images @ w_img, dim=-1), F.normalize(texts @ w_txt, dim=-1)
+    img_all, txt_all = gather_features(img), gather_features(txt)
+    targets = itc_targets(None, None, img_all.shape[0], rank * img.shape[0], img.shape[0])
+    return itc_loss(img @ txt_all.T / 0.1, txt @ img_all.T / 0.1, targets)
+
+
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         x = torch.arange(6, dtype=torch.float32).view(3, 2).add(10 * rank).requires_grad_()
         gathered = gather_features(x)
-        weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
+        weights = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered) + 100 * rank
         (gathered * weights).sum().backward()
-        torch.save({"gathered": gathered.detach(), "grad": x.grad, "weights": weights}, f"{out_dir}/rank{rank}.pt")
+        # ITC on half the batch per rank, gradients averaged over ranks as DDP/DeepSpeed do
+        images, texts, w_img, w_txt = _encoders()
+        rows = slice(3 * rank, 3 * rank + 3)
+        loss = _itc_on(images[rows], texts[rows], w_img, w_txt, rank)
+        loss.backward()
+        grads = [w_img.grad, w_txt.grad]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world
+        torch.save({"gathered": gathered.detach(), "grad": x.grad, "itc_grads": grads, "itc_loss": loss.detach()},
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -208,13 +233,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_gather_features_two_ranks_keeps_local_grad(tmp_path):
+def test_gather_features_two_ranks(tmp_path):
     mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = torch.cat([torch.arange(6, dtype=torch.float32).view(3, 2) + 10 * r for r in range(2)])
-    for rank in range(2):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    # one process, the whole batch: the reference for the 2-rank ITC loss and gradients
+    images, texts, w_img, w_txt = _encoders()
+    full = _itc_on(images, texts, w_img, w_txt, 0)
+    full.backward()
+    for rank, res in enumerate(results):
         assert torch.equal(res["gathered"], expected)
-        # d/dx of sum(gathered * w) is w at this rank's slice: the local part keeps its gradient
-        assert torch.equal(res["grad"], res["weights"][3 * rank:3 * rank + 3])
+        # rank r's slice receives what every rank's loss sum(gathered * w_rank) sends it
+        base = torch.arange(12, dtype=torch.float32).view(6, 2)[3 * rank:3 * rank + 3]
+        assert torch.equal(res["grad"], 2 * base + 100)
+        assert torch.allclose(res["itc_grads"][0], w_img.grad, atol=1e-6)
+        assert torch.allclose(res["itc_grads"][1], w_txt.grad, atol=1e-6)
+    assert abs((results[0]["itc_loss"] + results[1]["itc_loss"]).item() / 2 - full.item()) < 1e-6
     single = torch.ones(2, 2, requires_grad=True)
     assert gather_features(single) is single

@@ -29,21 +29,35 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_features(x: Tensor) -> Tensor:
-    """Concatenate `x` [B, ...] from every rank along dim 0, in rank order.
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward returns each rank the summed gradient for its own slice."""
 
-    Only the local slice carries a gradient (open_clip's `gather_with_grad=False` form): each rank
-    back-propagates its own queries against everyone's keys, which is what the ITC loss needs and
-    avoids an all-reduce of feature gradients. Every rank must pass the same shape. Identity when
-    not distributed.
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rank, world = world_info()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss has a say in this rank's features
+        return grad[ctx.rows]
+
+
+def gather_features(x: Tensor) -> Tensor:
+    """Concatenate `x` [B, ...] from every rank along dim 0, in rank order; identity when not distributed.
+
+    The gradient flows to the local slice only, but it is the sum of what every rank's loss sends
+    to it (BLIP's `all_gather_with_grad`): with the usual averaging of parameter gradients over
+    ranks, ITC with local queries against gathered keys then gets exactly the single-process,
+    whole-batch gradient. Every rank must pass the same shape, and run the backward.
     """
-    rank, world = world_info()
-    if world == 1:
+    if world_info()[1] == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
-    return torch.cat(parts, dim=0)
+    return _AllGather.apply(x)
 
 
 # --------------------------------------------------------------------------- ITC
