@@ -160,6 +160,8 @@ def shard_items(spec: str, rejects: list) -> Iterator[Item]:
 
 
 def _clean(captions: list) -> list[str]:
+    if not captions:
+        raise BadSample("missing_caption")
     out = []
     for c in captions:
         out.extend(" ".join(t.split()) for t in parse_captions(decode_text(c) if isinstance(c, bytes) else c))

@@ -31,7 +31,7 @@ class ShardSink:
     of this prefix left over from an earlier, larger run."""
 
     def __init__(self, out_dir: str | os.PathLike, *, prefix: str = "shard", shard_size: int = 1000,
-                 info: dict | None = None):
+                 info: dict | None = None, mtime: float | None = None):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -40,11 +40,13 @@ class ShardSink:
         self._writer: wds.ShardWriter | None = None
         self._shard_size = shard_size
         self._aborted = False
+        self._mtime = mtime  # fixed: byte-identical shards for identical content
 
     def write(self, sample: dict) -> None:
         if self._writer is None:  # opened lazily: an empty run writes no empty shard
             pattern = str(self.out / f".{self.prefix}-%06d.tar.tmp")
-            self._writer = wds.ShardWriter(pattern, maxcount=self._shard_size, post=self._publish, verbose=0)
+            self._writer = wds.ShardWriter(pattern, maxcount=self._shard_size, post=self._publish, verbose=0,
+                                           mtime=self._mtime)
         self._writer.write(sample)
 
     def _publish(self, tmp_name: str) -> None:

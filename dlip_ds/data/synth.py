@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from dlip_ds.data.shards import ShardSink
@@ -183,8 +184,10 @@ def _background(rng: random.Random, size: int, bg: str, texture: str) -> Image.I
             t = y / size
             draw.line((0, y, size, y), fill=tuple(int(b * (1 - t) + s * t) for b, s in zip(base, shade)))
     elif texture == "noisy":
-        noise = Image.effect_noise((size, size), 40).convert("RGB")
-        img = Image.blend(img, Image.composite(img, Image.new("RGB", img.size, shade), noise.convert("L")), 0.5)
+        # numpy noise from our rng (PIL's effect_noise has its own unseeded generator)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(128, 40, (size, size)).clip(0, 255)
+        mask = Image.fromarray(noise.astype(np.uint8), "L")
+        img = Image.blend(img, Image.composite(img, Image.new("RGB", img.size, shade), mask), 0.5)
     return img
 
 
@@ -257,7 +260,7 @@ def write_split(out: Path, split: str, n: int, *, seed: int, image_size: int, sh
 
     captions: list[str] = []
     info = {"source": "synth", "options": {"split": split, "seed": seed, "image_size": image_size}}
-    with ShardSink(out / split, prefix=split, shard_size=shard_size, info=info) as sink:
+    with ShardSink(out / split, prefix=split, shard_size=shard_size, info=info, mtime=0) as sink:
         for i in tqdm(range(n), desc=f"synth {split}", unit="img", mininterval=2.0):
             s = make_sample(seed, split, i, image_size)
             meta = {"captions": s["captions"], "image_id": i, "kind": s["kind"]}

@@ -40,8 +40,10 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     try:
         tok = BertTokenizerFast.from_pretrained(str(local) if local.exists() else name)
     except OSError as e:
-        hint = " (HF_HUB_OFFLINE is set: the name must be in the local cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ConfigError(f"tokenizer '{name}': cannot load{hint}: {e}") from None
+        raise ConfigError(f"tokenizer '{name}': cannot load: {e}") from None
+    if len(tok) <= len(set(tok.all_special_tokens)):  # transformers 5 returns an empty vocabulary, not an error
+        hint = " (HF_HUB_OFFLINE is set: a hub name must be in the local cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ConfigError(f"tokenizer '{name}': cannot load a vocabulary{hint}")
     tok.add_special_tokens({"bos_token": DEC_TOKEN})
     tok.add_special_tokens({"extra_special_tokens": [ENC_TOKEN]}, replace_extra_special_tokens=False)
     tok.enc_token_id = tok.convert_tokens_to_ids(ENC_TOKEN)
