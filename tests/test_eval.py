@@ -162,3 +162,172 @@ def test_caption_metrics_perfect_prediction_scores_highest(monkeypatch):
     wrong = captioning.caption_metrics({0: "a cat on a sofa", 1: "a red car on the road"}, refs)
     assert perfect["bleu4"] == pytest.approx(100.0, abs=1e-3)
     assert perfect["cider"] > wrong["cider"] and perfect["rouge_l"] > wrong["rouge_l"]
+
+
+# ----------------------------------------------------------------------------- with a tiny model on synthetic data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model, eval set, tokenizer, model dir, test shards dir): a random test-tiny model and 10 synthetic images."""
+    from dlip_ds.data import load_eval_set, load_tokenizer
+    from dlip_ds.data.synth import synth
+    from dlip_ds.models.checkpoints import load_model, save_model
+
+    root = tmp_path_factory.mktemp("eval")
+    synth(root / "data", train=40, test=10, image_size=32, shard_size=4)
+    tok = load_tokenizer(root / "data" / "tokenizer")
+    torch.manual_seed(0)
+    model = load_model("test-tiny", text={"vocab_size": len(tok)})
+    save_model(model, root / "model", tokenizer=tok)
+    return model, load_eval_set(root / "data" / "test"), tok, root / "model", root / "data" / "test"
+
+
+def _naive_scores(model, es, tok):
+    """ITC similarities and ITM match logits of every pair through the task methods, pair by pair."""
+    from dlip_ds.data import eval_transform
+
+    pixels = torch.cat(list(es.image_batches(3, eval_transform(model.cfg.vision))))
+    enc = tok(es.captions, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    itm_ids = ids.clone()
+    itm_ids[:, 0] = tok.enc_token_id
+    n_img, n_txt = len(es.image_ids), len(es.captions)
+    with torch.no_grad():
+        img = torch.stack([model.itc_features(pixels[i:i + 1], ids[:1], mask[:1])[0][0] for i in range(n_img)])
+        txt = torch.stack([model.itc_features(pixels[:1], ids[t:t + 1], mask[t:t + 1])[1][0] for t in range(n_txt)])
+        itm = torch.stack([model.itm_logits(pixels[i:i + 1].expand(n_txt, -1, -1, -1), itm_ids, mask)[:, 1]
+                           for i in range(n_img)])
+    return img @ txt.t(), itm
+
+
+def _check_reranked(scores, sims, itm, k):
+    """Top-k of each row by ITC scored ITM + ITC, every other candidate below them in ITC order."""
+    top_sim, top_idx = sims.topk(k, dim=1)
+    for r in range(len(sims)):
+        expected = itm[r, top_idx[r]] + top_sim[r]
+        assert torch.allclose(scores[r, top_idx[r]], expected, atol=1e-4), r
+        rest = torch.ones(sims.shape[1], dtype=torch.bool)
+        rest[top_idx[r]] = False
+        if rest.any():
+            assert scores[r, rest].max() < scores[r, top_idx[r]].min()
+            assert torch.equal(scores[r, rest].argsort(stable=True), sims[r, rest].argsort(stable=True))
+
+
+def test_retrieval_scores_rerank_topk_by_itm(tiny):
+    from dlip_ds.eval.retrieval import evaluate_retrieval, retrieval_scores
+
+    model, es, tok, _, _ = tiny
+    sims, itm = _naive_scores(model, es, tok)
+    k = 4
+    i2t, t2i = retrieval_scores(model, es, tok, k=k, batch_size=7, progress=False)
+    _check_reranked(i2t, sims, itm, k)
+    _check_reranked(t2i, sims.t(), itm.t(), k)
+    metrics = evaluate_retrieval(model, es, tok, k=k, batch_size=7, progress=False)
+    assert metrics == pytest.approx(recall_at_k(i2t, es.img2txt, es.txt2img, t2i))
+
+    i2t_itc, t2i_itc = retrieval_scores(model, es, tok, itc_only=True, progress=False)
+    assert torch.allclose(i2t_itc, sims, atol=1e-5) and torch.equal(t2i_itc, i2t_itc.t())
+
+
+def _rank_worker(rank, world_size, port, model_dir, data_dir, out_path):
+    import torch.distributed as dist
+
+    from dlip_ds.data import load_eval_set, load_tokenizer
+    from dlip_ds.eval.captioning import CaptionSettings, generate_captions
+    from dlip_ds.eval.retrieval import retrieval_scores
+    from dlip_ds.models.checkpoints import load_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model, tok, es = load_model(model_dir), load_tokenizer(model_dir), load_eval_set(data_dir)
+        i2t, t2i = retrieval_scores(model, es, tok, k=4, batch_size=7, progress=False)
+        caps = generate_captions(model, es, tok, settings=CaptionSettings(num_beams=2), batch_size=3, progress=False)
+        if rank == 0:
+            torch.save({"i2t": i2t, "t2i": t2i, "captions": caps}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_scoring_equals_single_process(tiny, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from dlip_ds.eval.captioning import CaptionSettings, generate_captions
+    from dlip_ds.eval.retrieval import retrieval_scores
+
+    model, es, tok, model_dir, data_dir = tiny
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank_worker, args=(2, port, str(model_dir), str(data_dir), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    i2t, t2i = retrieval_scores(model, es, tok, k=4, batch_size=7, progress=False)
+    assert torch.allclose(got["i2t"], i2t, atol=1e-5) and torch.allclose(got["t2i"], t2i, atol=1e-5)
+    caps = generate_captions(model, es, tok, settings=CaptionSettings(num_beams=2), batch_size=3, progress=False)
+    assert got["captions"] == caps
+
+
+def test_generate_captions_and_metrics(tiny, monkeypatch):
+    from dlip_ds.data import eval_transform
+    from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning
+
+    _no_java(monkeypatch)
+    model, es, tok, _, _ = tiny
+    settings = CaptionSettings(num_beams=2, max_length=12, min_length=6)
+    metrics, caps = evaluate_captioning(model, es, tok, settings=settings, batch_size=4, progress=False)
+    assert [c["image_id"] for c in caps] == es.image_ids
+    pixels = torch.cat(list(es.image_batches(10, eval_transform(model.cfg.vision))))
+    direct = model.generate(pixels, tokenizer=tok, prompt=settings.prompt, num_beams=2, max_length=12, min_length=6)
+    assert [c["caption"] for c in caps] == direct
+    refs = {i: [es.captions[t] for t in ts] for i, ts in enumerate(es.img2txt)}
+    assert metrics == pytest.approx(captioning.caption_metrics(dict(enumerate(direct)), refs))
+    assert set(metrics) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"}
+
+
+def test_evaluate_cli_writes_metrics_captions_and_tensorboard(tiny, tmp_path, monkeypatch, capsys):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dlip_ds.cli import main
+
+    _no_java(monkeypatch)
+    model, es, tok, model_dir, data_dir = tiny
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    rc = main(["evaluate", str(model_dir), "--data", str(data_dir), "--out", str(out), "--k", "4",
+               "--num-beams", "1", "--tensorboard", str(tb), "--step", "7"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["images"] == len(es.image_ids) and metrics["texts"] == len(es.captions)
+    assert set(metrics["retrieval"]) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
+    assert metrics["retrieval"]["r_mean"] == pytest.approx(
+        __import__("dlip_ds.eval.retrieval", fromlist=["x"]).evaluate_retrieval(model, es, tok, k=4,
+                                                                                 progress=False)["r_mean"])
+    captions = json.loads((out / "captions.json").read_text())
+    assert len(captions) == len(es.image_ids) and all(isinstance(c["caption"], str) for c in captions)
+    printed = capsys.readouterr().out
+    assert "r_mean" in printed and "cider" in printed
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert "eval/retrieval/r_mean" in scalars and "eval/captioning/cider" in scalars
+    event = acc.Scalars("eval/retrieval/r_mean")[0]
+    assert event.step == 7 and event.value == pytest.approx(metrics["retrieval"]["r_mean"], rel=1e-5)
+
+
+def test_evaluate_cli_errors_are_clear(tiny, tmp_path, capsys):
+    from dlip_ds.cli import main
+    from dlip_ds.models.checkpoints import save_model
+
+    model, _, _, _, data_dir = tiny
+    bare = tmp_path / "bare"
+    save_model(model, bare)  # no tokenizer saved with it, and none beside a JSON in an empty folder
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "test.json").write_text("[]")
+    rc = main(["evaluate", str(bare), "--data", str(tmp_path / "ann" / "test.json")])
+    assert rc == 2 and "no tokenizer found" in capsys.readouterr().err
+    rc = main(["evaluate", str(tmp_path / "nowhere"), "--data", str(data_dir)])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err

@@ -19,10 +19,6 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
-# Added to the ITC similarity of candidates outside the top k so that every re-ranked one stays above.
-_BELOW_TOPK = -1.0e4
-
-
 def _ranks(scores: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """0-based rank of the best-scored ground truth of each row; ties count against the model."""
     best = scores.masked_fill(~gt, float("-inf")).amax(dim=1, keepdim=True)
@@ -135,7 +131,6 @@ def _rerank(model, feats: dict, sims: torch.Tensor, k: int, rows: range, queries
     if not len(rows):
         return scores
     block = sims[rows.start:rows.stop]
-    scores[rows.start:rows.stop] = block + _BELOW_TOPK
     top_sim, top_idx = block.topk(k, dim=1)
     # A few query rows per chunk, so that small models still fuse `batch_size` pairs per pass.
     rows_per_chunk = max(1, batch_size // k)
@@ -145,8 +140,11 @@ def _rerank(model, feats: dict, sims: torch.Tensor, k: int, rows: range, queries
         query = (q + rows.start).repeat_interleave(k)
         cand = top_idx[q].reshape(-1)
         img_idx, txt_idx = (query, cand) if queries_are_images else (cand, query)
-        itm = _itm_match_logits(model, feats, img_idx, txt_idx, batch_size).view(len(q), k)
-        scores[q + rows.start] = scores[q + rows.start].scatter(1, top_idx[q], itm + top_sim[q])
+        reranked = _itm_match_logits(model, feats, img_idx, txt_idx, batch_size).view(len(q), k) + top_sim[q]
+        # The rest keep their ITC order, shifted just below the lowest re-ranked score (a small shift
+        # keeps float32 resolution between nearly equal similarities).
+        shift = reranked.amin(dim=1) - block[q].amax(dim=1) - 1.0
+        scores[q + rows.start] = (block[q] + shift[:, None]).scatter(1, top_idx[q], reranked)
         bar.update(len(q))
     bar.close()
     return scores

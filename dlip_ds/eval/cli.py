@@ -1,0 +1,182 @@
+"""`dlip-ds evaluate MODEL --data SHARDS_OR_JSON`: retrieval and captioning metrics of a model.
+
+MODEL is anything `dlip_ds.load_model` takes, or a training run directory. Under `torchrun` or the
+`deepspeed` launcher (RANK / WORLD_SIZE set) every rank scores a slice and rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from dlip_ds.config import ConfigError
+from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning
+from dlip_ds.eval.retrieval import evaluate_retrieval
+
+log = logging.getLogger(__name__)
+
+TASKS = ("retrieval", "captioning")
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a run directory, an exported model, a preset, a BLIP checkpoint")
+    p.add_argument("--data", required=True, help="evaluation shards (read as one exact epoch) or a Karpathy-split JSON")
+    p.add_argument("--images", default=None, help="image root for a Karpathy JSON")
+    p.add_argument("--task", choices=(*TASKS, "all"), default="all")
+    p.add_argument("--itc-only", action="store_true", help="retrieval by ITC similarity alone (no ITM re-ranking)")
+    p.add_argument("--k", type=int, default=256, help="candidates re-ranked by ITM per query (BLIP: 256 on COCO)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=CaptionSettings.num_beams)
+    p.add_argument("--prompt", default=CaptionSettings.prompt)
+    p.add_argument("--out", default=None, help="output directory (default: MODEL/eval for a directory, else ./eval)")
+    p.add_argument("--tensorboard", default=None, metavar="LOGDIR", help="also write the metrics as TensorBoard scalars")
+    p.add_argument("--step", type=int, default=0, help="global step of the TensorBoard scalars")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: found beside the model or data)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+# ----------------------------------------------------------------------------- resolving inputs
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").is_file() and (
+        (path / "checkpoints").is_dir() or (path / "student").is_dir())
+
+
+def load_model_source(source: str):
+    """(model, directory that may hold its tokenizer) for a run directory or a `load_model` source."""
+    path = Path(source)
+    if is_run_dir(path):
+        try:
+            from dlip_ds.engine.checkpoint import load_run_student
+        except ImportError:
+            load_run_student = None
+        if load_run_student is not None:
+            return load_run_student(path), path / "student"
+        if not (path / "student").is_dir():
+            raise ConfigError(f"{path}: a run directory without a student/ export; run `dlip-ds export {path}` first")
+        path = path / "student"
+    from dlip_ds.models.checkpoints import load_model
+
+    return load_model(str(path)), (path if path.is_dir() else None)
+
+
+def _has_tokenizer(d: Path | None) -> bool:
+    return d is not None and any((d / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def resolve_tokenizer(explicit: str | None, model_dir: Path | None, data: str):
+    """--tokenizer, else the one saved with the model (or its run), else `tokenizer/` beside the data."""
+    from dlip_ds.data import load_tokenizer
+
+    if explicit:
+        return load_tokenizer(explicit)
+    candidates = []
+    if model_dir is not None:
+        candidates += [model_dir, model_dir.parent / "tokenizer"]
+    data_path = Path(data)
+    data_dir = data_path if data_path.is_dir() else data_path.parent
+    candidates += [data_dir / "tokenizer", data_dir.parent / "tokenizer"]
+    for c in candidates:
+        if _has_tokenizer(c):
+            return load_tokenizer(c)
+    raise ConfigError(
+        f"no tokenizer found (looked in {', '.join(str(c) for c in candidates)}); pass --tokenizer DIR_OR_NAME")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def evaluate(model, eval_set, tokenizer, *, tasks=TASKS, k: int = 256, itc_only: bool = False, batch_size: int = 64,
+             caption_settings: CaptionSettings | None = None, device=None, rank: int | None = None,
+             world_size: int | None = None, progress: bool = True) -> tuple[dict, list[dict] | None]:
+    """({"retrieval": {...}, "captioning": {...}}, generated captions or None); the code path of
+    `dlip-ds evaluate` and of the demo."""
+    metrics: dict = {}
+    generated = None
+    if "retrieval" in tasks:
+        metrics["retrieval"] = evaluate_retrieval(model, eval_set, tokenizer, k=k, itc_only=itc_only,
+                                                  batch_size=batch_size, device=device, rank=rank,
+                                                  world_size=world_size, progress=progress)
+    if "captioning" in tasks:
+        if not model.cfg.decoder.enabled:
+            log.warning("the model has no decoder: captioning skipped")
+        else:
+            metrics["captioning"], generated = evaluate_captioning(
+                model, eval_set, tokenizer, settings=caption_settings, batch_size=batch_size, device=device, rank=rank,
+                world_size=world_size, progress=progress)
+    return metrics, generated
+
+
+def format_table(metrics: dict) -> str:
+    rows = [(task, name, f"{value:.2f}") for task, values in metrics.items() for name, value in values.items()]
+    w0 = max([len("task")] + [len(r[0]) for r in rows])
+    w1 = max([len("metric")] + [len(r[1]) for r in rows])
+    lines = [f"{'task':<{w0}}  {'metric':<{w1}}  value", f"{'-' * w0}  {'-' * w1}  -----"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:>5}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, metrics: dict, captions: list[dict] | None, info: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps({**info, **metrics}, indent=2) + "\n")
+    if captions is not None:
+        (out_dir / "captions.json").write_text(json.dumps(captions, indent=1) + "\n")
+
+
+def write_tensorboard(logdir: str | Path, metrics: dict, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        for task, values in metrics.items():
+            for name, value in values.items():
+                writer.add_scalar(f"eval/{task}/{name}", value, step)
+
+
+def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if cuda:
+        device = torch.device(device_arg or f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_arg or "cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return rank, world_size, device
+
+
+def run(args: argparse.Namespace) -> int:
+    from dlip_ds.data import load_eval_set
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world_size, device = _init_distributed(args.device)
+    model, model_dir = load_model_source(args.model)
+    model.to(device).eval()
+    tokenizer = resolve_tokenizer(args.tokenizer, model_dir, args.data)
+    eval_set = load_eval_set(args.data, image_root=args.images)
+    tasks = TASKS if args.task == "all" else (args.task,)
+    settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt)
+    metrics, captions = evaluate(model, eval_set, tokenizer, tasks=tasks, k=args.k, itc_only=args.itc_only,
+                                 batch_size=args.batch_size, caption_settings=settings, device=device, rank=rank,
+                                 world_size=world_size)
+    if rank == 0:
+        model_path = Path(args.model)
+        out = Path(args.out) if args.out else (model_path / "eval" if model_path.is_dir() else Path("eval"))
+        info = {"model": args.model, "data": args.data, "images": len(eval_set.image_ids),
+                "texts": len(eval_set.captions), "k": None if args.itc_only else args.k}
+        write_results(out, metrics, captions, info)
+        if args.tensorboard:
+            write_tensorboard(args.tensorboard, metrics, args.step)
+        print(format_table(metrics))
+        print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'captions.json'}" if captions is not None else ""))
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
