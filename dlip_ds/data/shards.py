@@ -87,7 +87,8 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
 
 
 def is_remote(spec: str) -> bool:
-    return spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
+    """A spec webdataset opens itself (pipe:, file:, any scheme://), not a local path we can check."""
+    return spec.startswith(("pipe:", "file:")) or "://" in spec
 
 
 def expand_shards(spec: str | os.PathLike) -> list[str]:

@@ -18,6 +18,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from webdataset.utils import make_seed
@@ -88,27 +89,37 @@ class _SplitByRank:
 
 
 class _PrivateRNG:
-    """Runs augmentation under its own python/torch RNG streams (seeded per worker on first use),
-    so results are deterministic and the trainer's global RNG state is untouched (workers=0)."""
+    """Runs augmentation under its own python/numpy/torch RNG streams (torchvision draws from torch,
+    timm's RandAugment from python and numpy), seeded per worker on first use, so results are
+    deterministic and the trainer's global RNG state is untouched (workers=0)."""
 
     def __init__(self, seed: int):
         self.seed = seed
         self.state: tuple | None = None
 
+    @staticmethod
+    def _get() -> tuple:
+        return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+    @staticmethod
+    def _set(state: tuple) -> None:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
     def __enter__(self):
-        self.saved = (random.getstate(), torch.get_rng_state())
+        self.saved = self._get()
         if self.state is None:
             s = make_seed(self.seed, _worker()[0])
             random.seed(s)
+            np.random.seed(s)
             torch.default_generator.manual_seed(s)
         else:
-            random.setstate(self.state[0])
-            torch.set_rng_state(self.state[1])
+            self._set(self.state)
 
     def __exit__(self, *exc):
-        self.state = (random.getstate(), torch.get_rng_state())
-        random.setstate(self.saved[0])
-        torch.set_rng_state(self.saved[1])
+        self.state = self._get()
+        self._set(self.saved)
 
 
 class _WeightedMix(torch.utils.data.IterableDataset):
