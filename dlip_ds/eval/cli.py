@@ -44,27 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- resolving inputs
 
 
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file() and (
-        (path / "checkpoints").is_dir() or (path / "student").is_dir())
-
-
 def load_model_source(source: str):
-    """(model, directory that may hold its tokenizer) for a run directory or a `load_model` source."""
+    """(model, its tokenizer or None, a directory that may hold the tokenizer) for a training run
+    directory (its exported student, or its latest checkpoint) or anything `load_model` takes."""
     path = Path(source)
-    if is_run_dir(path):
-        try:
-            from dlip_ds.engine.checkpoint import load_run_student
-        except ImportError:
-            load_run_student = None
-        if load_run_student is not None:
-            return load_run_student(path), path / "student"
-        if not (path / "student").is_dir():
-            raise ConfigError(f"{path}: a run directory without a student/ export; run `dlip-ds export {path}` first")
-        path = path / "student"
+    if path.is_dir() and (path / "config.yaml").is_file():
+        from dlip_ds.engine.checkpoint import load_run_student
+
+        model, tokenizer = load_run_student(path)
+        return model, tokenizer, path / "student"
     from dlip_ds.models.checkpoints import load_model
 
-    return load_model(str(path)), (path if path.is_dir() else None)
+    return load_model(source), None, (path if path.is_dir() else None)
 
 
 def _has_tokenizer(d: Path | None) -> bool:
@@ -72,17 +63,14 @@ def _has_tokenizer(d: Path | None) -> bool:
 
 
 def resolve_tokenizer(explicit: str | None, model_dir: Path | None, data: str):
-    """--tokenizer, else the one saved with the model (or its run), else `tokenizer/` beside the data."""
+    """--tokenizer, else the one saved with the model, else `tokenizer/` beside the data (`dlip-ds synth`)."""
     from dlip_ds.data import load_tokenizer
 
     if explicit:
         return load_tokenizer(explicit)
-    candidates = []
-    if model_dir is not None:
-        candidates += [model_dir, model_dir.parent / "tokenizer"]
     data_path = Path(data)
     data_dir = data_path if data_path.is_dir() else data_path.parent
-    candidates += [data_dir / "tokenizer", data_dir.parent / "tokenizer"]
+    candidates = ([model_dir] if model_dir is not None else []) + [data_dir / "tokenizer", data_dir.parent / "tokenizer"]
     for c in candidates:
         if _has_tokenizer(c):
             return load_tokenizer(c)
@@ -158,9 +146,10 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world_size, device = _init_distributed(args.device)
-    model, model_dir = load_model_source(args.model)
+    model, tokenizer, model_dir = load_model_source(args.model)
     model.to(device).eval()
-    tokenizer = resolve_tokenizer(args.tokenizer, model_dir, args.data)
+    if args.tokenizer or tokenizer is None:
+        tokenizer = resolve_tokenizer(args.tokenizer, model_dir, args.data)
     eval_set = load_eval_set(args.data, image_root=args.images)
     tasks = TASKS if args.task == "all" else (args.task,)
     settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt)
