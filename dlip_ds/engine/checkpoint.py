@@ -210,7 +210,7 @@ def load_run_student(run_dir: str | Path):
     stopped before exporting, the student consolidated from its latest checkpoint."""
     from dlip_ds.config import load_recipe
     from dlip_ds.data import load_tokenizer, tokenizer_from_config
-    from dlip_ds.models import load_model
+    from dlip_ds.models.checkpoints import load_model
 
     run_dir = Path(run_dir)
     student_dir = run_dir / "student"

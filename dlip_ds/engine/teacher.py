@@ -32,7 +32,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> VLPModel:
     """`load_model(cfg.source)`, frozen, in eval mode, wrapped by `deepspeed.init_inference`."""
     import deepspeed
 
-    from dlip_ds.models import load_model
+    from dlip_ds.models.checkpoints import load_model
 
     model = load_model(cfg.source)
     model.requires_grad_(False).eval()

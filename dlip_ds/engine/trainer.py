@@ -192,16 +192,46 @@ def _evaluate(recipe: Recipe, student, eval_set, tokenizer, env: DistEnv, dtype:
     return metrics
 
 
+def build_step_module(recipe: Recipe, tokenizer, device: torch.device):
+    """(teacher or None, StepModule): the frozen teacher on its inference engine, and the student
+    with its KD plan, initialised identically on every rank."""
+    from dlip_ds.engine.step import StepModule
+    from dlip_ds.losses.distill import KDPlan
+
+    torch.manual_seed(recipe.train.seed)
+    teacher = load_teacher(recipe.teacher, device) if recipe.teacher.source else None
+    _check_recipe(recipe, tokenizer, teacher)
+    student = _build_student(recipe, teacher)
+    plan = KDPlan(recipe.loss.kd, student, teacher) if recipe.loss.kd else None
+    return teacher, StepModule(student, plan, recipe.loss)
+
+
+def initialize_engine(module, recipe: Recipe, ds_cfg: dict, device: torch.device):
+    """deepspeed.initialize with AdamW over decay/no-decay groups and the warmup + cosine schedule."""
+    import deepspeed
+
+    cfg = recipe.train
+    _lift_scalar_params(module)
+    optimizer = build_optimizer(param_groups(module, cfg.weight_decay), cfg.lr,
+                                offload=optimizer_offloaded(ds_cfg), device=device)
+    scheduler = build_scheduler(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                                max_steps=cfg.max_steps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_cfg, dist_init_required=False)
+    student = module.student
+    if zero_stage(ds_cfg) == 3 and student.cfg.decoder.enabled:
+        # StepModule multiplies by the LM projection outside the modules that own it.
+        for p in student.lm_projection():
+            deepspeed.zero.register_external_parameter(module, p)
+    return engine
+
+
 # --------------------------------------------------------------------------- the run
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | None = None) -> int:
     """Run (or resume) one training job; every rank calls this. Returns the process exit code."""
-    import deepspeed
-
     from dlip_ds.data import load_eval_set, make_train_loader, tokenizer_from_config
-    from dlip_ds.engine.step import StepModule
-    from dlip_ds.losses.distill import KDPlan
 
     env = init_distributed()
     run_dir = Path(run_dir)
@@ -212,28 +242,13 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
     tokenizer = tokenizer_from_config(recipe.data)
 
     # ---- models: the teacher frozen, the student (and the KD projections) trained
-    torch.manual_seed(cfg.seed)  # identical initial student weights on every rank
-    teacher = load_teacher(recipe.teacher, env.device) if recipe.teacher.source else None
-    _check_recipe(recipe, tokenizer, teacher)
-    student = _build_student(recipe, teacher)
-    plan = KDPlan(recipe.loss.kd, student, teacher) if recipe.loss.kd else None
-    module = StepModule(student, plan, recipe.loss)
+    teacher, module = build_step_module(recipe, tokenizer, env.device)
+    student = module.student
     teacher_clock = StageClock(teacher, env.device) if teacher is not None else None
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "config.yaml")
-
-    _lift_scalar_params(module)
-    optimizer = build_optimizer(param_groups(module, cfg.weight_decay), cfg.lr,
-                                offload=optimizer_offloaded(ds_cfg), device=env.device)
-    scheduler = build_scheduler(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                                max_steps=cfg.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_cfg, dist_init_required=False)
-    if stage == 3 and student.cfg.decoder.enabled:
-        # StepModule multiplies by the LM projection outside the modules that own it.
-        for p in student.lm_projection():
-            deepspeed.zero.register_external_parameter(module, p)
+    engine = initialize_engine(module, recipe, ds_cfg, env.device)
 
     # ---- resume
     ckpt = CheckpointManager(run_dir / "checkpoints", rank=env.rank, keep_last=cfg.keep_last)
@@ -349,7 +364,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
             if stop_reason is None and any_rank(stop.requested() is not None, env.device):
                 stop_reason = stop.requested() or "another rank's signal"
 
-        if stop_reason is not None or state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
+        due = stop_reason is not None or state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps
+        if due and last_saved != state.step:
             state.skipped_samples = dict(Counter(state.skipped_samples) + _gather_counts(window.skipped))
             window.skipped = Counter()
             tag = ckpt.save(engine, state, generator)
