@@ -25,7 +25,7 @@ import triton.language as tl
 from .attention_kd import RelationInputs
 from .dispatch import interpreter_enabled
 
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -221,6 +221,7 @@ class _AttentionKD(torch.autograd.Function):
             "CAUSAL": causal, "HAS_KPM": kpm is not None,
             "PREC_S": _precision(q_s.dtype), "PREC_T": _precision(q_t.dtype),
             "UPCAST_S": _upcast(q_s.dtype), "UPCAST_T": _upcast(q_t.dtype),
+            "num_warps": 4 if max(_block_d(d_s), _block_d(d_t)) <= 64 else 8,
         }
         kpm_arg = kpm if kpm is not None else row_weight  # never read when HAS_KPM is False
         common = (
@@ -253,8 +254,13 @@ class _AttentionKD(torch.autograd.Function):
         return dq, dk, *([None] * 10)
 
 
-def attention_kd_triton(x: RelationInputs, *, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """The attention KD loss of `attention_kd.py` with the Triton kernels (CUDA, or the interpreter)."""
+def attention_kd_triton(x: RelationInputs, *, block_m: int = 64, block_n: int | None = None) -> torch.Tensor:
+    """The attention KD loss of `attention_kd.py` with the Triton kernels (CUDA, or the interpreter).
+
+    block_n defaults to 64, or 32 when a side's head width pads to more than 64 (register pressure).
+    """
+    if block_n is None:
+        block_n = 64 if max(_block_d(x.q_s.shape[3]), _block_d(x.q_t.shape[3])) <= 64 else 32
     kpm = None if x.key_padding_mask is None else x.key_padding_mask.contiguous().view(torch.uint8)
     row_weight = x.row_valid.to(torch.float32).contiguous()
     rows = (row_weight.sum() * x.q_s.shape[1]).clamp(min=1)

@@ -43,6 +43,8 @@ class _ChunkedLinearKD(torch.autograd.Function):
                     grad_w += grad_z.t() @ hs
                 if need_b:
                     grad_b += grad_z.sum(0)
+                del grad_z
+            del logp_s, logp_t, p_t  # free this chunk's logits before the next chunk's exist
         if need_h and idx is not None:
             grad_h = torch.zeros(tokens, width, dtype=h_s.dtype, device=h_s.device).index_copy_(0, idx, grad_h)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

@@ -1,0 +1,242 @@
+"""Time and peak memory of the fused distillation kernels against their references, forward+backward.
+
+    python benchmarks/kernels.py --device cuda          # real sizes (ViT-B attention, LM at vocab 30524)
+    python benchmarks/kernels.py --device cpu           # small sizes; the Triton path is CUDA-only here
+
+- attention KD: `attention_kd_loss` backend "triton" vs "torch" (materialised maps), B x 12 heads x d 64,
+  N in {64, 197, 577, 1024}, fp16 / bf16 on CUDA (fp32 on CPU);
+- LM logit KD: `linear_kd_loss` "chunked" vs "torch" (whole [tokens, 30524] logits);
+- representation KD: `repr_kd_loss` "fused" (one baddbmm over stacked pairs) vs "torch" (per pair).
+
+Time: median of torch.utils.benchmark's blocked_autorange (it synchronises CUDA). Peak memory: the extra
+bytes over the inputs during one forward+backward: torch.cuda.max_memory_allocated on CUDA; on CPU the
+growth of the process's peak RSS (resource.ru_maxrss) in a fresh subprocess per measurement.
+Writes JSON to benchmarks/results/kernels_<device>.json and a Markdown table to benchmarks/kernels.md
+(or --md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+ROOT = Path(__file__).resolve().parent
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VOCAB = 30524
+
+# (batch, heads, head dim) and lengths; CPU sizes keep the whole run to a few minutes on 2 cores
+ATTN = {"cuda": {"batch": 32, "heads": 12, "dim": 64, "lengths": [64, 197, 577, 1024]},
+        "cpu": {"batch": 2, "heads": 12, "dim": 64, "lengths": [64, 197, 577, 1024]}}
+# (tokens, width); vocab 30524 everywhere
+LM = {"cuda": {"tokens": [2048, 16384], "width": 768}, "cpu": {"tokens": [256, 2048], "width": 256}}
+# (layer pairs, batch, tokens, student width, teacher width)
+REPR = {"cuda": [(4, 32, 197, 384, 768), (4, 32, 577, 384, 768)], "cpu": [(4, 4, 197, 384, 768), (2, 4, 577, 384, 768)]}
+
+
+def make_case(spec: dict, device: str, seed: int = 0):
+    """Inputs and a forward+backward closure for one measurement."""
+    from dlip_ds.kernels import attention_kd_loss, linear_kd_loss, repr_kd_loss
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = DTYPES[spec["dtype"]]
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+
+    if spec["op"] == "attention":
+        b, h, n, d = spec["batch"], spec["heads"], spec["n"], spec["dim"]
+        q_s, k_s = randn(b, h, n, d, grad=True), randn(b, h, n, d, grad=True)
+        q_t, k_t = randn(b, h, n, d), randn(b, h, n, d)
+        mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+        mask[: b // 2, -n // 8 :] = True  # some padding, as text batches have
+        inputs = (q_s, k_s)
+
+        def run():
+            loss = attention_kd_loss(q_s, k_s, q_t, k_t, key_padding_mask=mask, backend=spec["backend"])
+            return torch.autograd.grad(loss, inputs)
+
+    elif spec["op"] == "lm":
+        t, w = spec["tokens"], spec["width"]
+        h_s, w_s, b_s = randn(t, w, grad=True), randn(VOCAB, w, grad=True), randn(VOCAB, grad=True)
+        h_t, w_t, b_t = randn(t, w), randn(VOCAB, w), randn(VOCAB)
+        inputs = (h_s, w_s, b_s)
+
+        def run():
+            loss = linear_kd_loss(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, temperature=2.0, backend=spec["backend"])
+            return torch.autograd.grad(loss, inputs)
+
+    else:
+        pairs, b, n, ds, dt = spec["pairs"], spec["batch"], spec["n"], spec["ds"], spec["dt"]
+        h_s = [randn(b, n, ds, grad=True) for _ in range(pairs)]
+        h_t = [randn(b, n, dt) for _ in range(pairs)]
+        ws = [randn(dt, ds, grad=True) for _ in range(pairs)]
+        bs = [randn(dt, grad=True) for _ in range(pairs)]
+        mask = torch.zeros(b, n, dtype=torch.bool, device=device)
+        inputs = (*h_s, *ws, *bs)
+
+        def run():
+            loss = repr_kd_loss(h_s, h_t, ws, bs, mask=mask, backend=spec["backend"])
+            return torch.autograd.grad(loss, inputs)
+
+    return run
+
+
+def measure(spec: dict, device: str, min_run_time: float) -> dict:
+    run = make_case(spec, device)
+    if device == "cuda":
+        run()  # compile / warm up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        # ru_maxrss is a high-water mark (KiB on Linux): read before the first run, so this process
+        # (a fresh one per measurement) has held nothing bigger than the inputs yet
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run()
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return {**spec, "ms": round(m.median * 1e3, 3), "ms_iqr": round(m.iqr * 1e3, 3),
+            "peak_extra_mib": round(peak / 2**20, 1)}
+
+
+def measure_isolated(spec: dict, device: str, min_run_time: float) -> dict:
+    """CPU: one fresh interpreter per measurement, so ru_maxrss starts at the inputs."""
+    if device == "cuda":
+        return measure(spec, device, min_run_time)
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--min-run-time", str(min_run_time)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plan(device: str, dtypes: list[str]) -> list[dict]:
+    specs = []
+    a = ATTN[device]
+    for dtype in dtypes:
+        for n in a["lengths"]:
+            for backend in ("triton", "torch") if device == "cuda" else ("torch",):
+                specs.append({"op": "attention", "backend": backend, "dtype": dtype, "batch": a["batch"],
+                              "heads": a["heads"], "dim": a["dim"], "n": n})
+    for dtype in dtypes:
+        for t in LM[device]["tokens"]:
+            for backend in ("chunked", "torch"):
+                specs.append({"op": "lm", "backend": backend, "dtype": dtype, "tokens": t, "width": LM[device]["width"]})
+    for dtype in dtypes:
+        for pairs, b, n, ds, dt in REPR[device]:
+            for backend in ("fused", "torch"):
+                specs.append({"op": "repr", "backend": backend, "dtype": dtype, "pairs": pairs, "batch": b, "n": n,
+                              "ds": ds, "dt": dt})
+    return specs
+
+
+def machine(device: str) -> dict:
+    info = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        import triton
+
+        info["triton"] = triton.__version__
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info["cpu"] = cpu
+    return info
+
+
+def shape_of(r: dict) -> str:
+    if r["op"] == "attention":
+        return f"B{r['batch']} H{r['heads']} N{r['n']} d{r['dim']}"
+    if r["op"] == "lm":
+        return f"{r['tokens']} tok x D{r['width']} x V{VOCAB}"
+    return f"{r['pairs']} pairs, B{r['batch']} N{r['n']} {r['ds']}->{r['dt']}"
+
+
+FUSED = {"attention": "triton", "lm": "chunked", "repr": "fused"}
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    where = info.get("gpu") or info["cpu"]
+    lines = [
+        f"### Kernel benchmarks ({info['device']}: {where}, {info['date']})",
+        "",
+        f"torch {info['torch']}" + (f", triton {info['triton']}" if "triton" in info else "")
+        + f", {info['threads']} threads. Forward+backward; time is the median of "
+        "torch.utils.benchmark; memory is the peak extra over the inputs "
+        + ("(torch.cuda.max_memory_allocated)." if info["device"] == "cuda" else "(peak RSS growth, fresh process)."),
+        "",
+        "| op | shape | dtype | fused ms | reference ms | speed-up | fused MiB | reference MiB | memory ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows: dict = {}
+    for r in results:
+        rows.setdefault((r["op"], shape_of(r), r["dtype"]), {})[r["backend"]] = r
+
+    def cell(r, k):
+        return f"{r[k]:.2f}" if r else "n/a"
+
+    for (op, shape, dtype), by in rows.items():
+        f, ref = by.get(FUSED[op]), by.get("torch")
+        speed = f"{ref['ms'] / f['ms']:.2f}x" if f and ref else "n/a"
+        mem = f"{f['peak_extra_mib'] / ref['peak_extra_mib']:.1%}" if f and ref and ref["peak_extra_mib"] > 0 else "n/a"
+        name = f"{op} ({FUSED[op]} vs torch)"
+        lines.append(f"| {name} | {shape} | {dtype} | {cell(f, 'ms')} | {cell(ref, 'ms')} | {speed} | "
+                     f"{cell(f, 'peak_extra_mib')} | {cell(ref, 'peak_extra_mib')} | {mem} |")
+    if info["device"] != "cuda":
+        note = ("On CPU the attention kernels run only as the PyTorch reference (the Triton path needs CUDA; the "
+                "interpreter is a correctness tool, not a timing one), so attention rows show the reference alone.")
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: bf16 fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--only", nargs="+", choices=["attention", "lm", "repr"], help="run only these ops")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
+    p.add_argument("--md", type=Path, default=ROOT / "kernels.md", help="Markdown table path")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT.parent))
+    if args.child:
+        print(json.dumps(measure(json.loads(args.child), "cpu", args.min_run_time)))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    dtypes = args.dtype or (["bf16", "fp16"] if args.device == "cuda" else ["fp32"])
+    specs = [s for s in plan(args.device, dtypes) if not args.only or s["op"] in args.only]
+    results = []
+    for i, spec in enumerate(specs, 1):
+        r = measure_isolated(spec, args.device, args.min_run_time)
+        results.append(r)
+        print(f"[{i}/{len(specs)}] {r['op']:9s} {r['backend']:7s} {shape_of(r):32s} {r['dtype']}: "
+              f"{r['ms']:9.2f} ms  {r['peak_extra_mib']:9.1f} MiB", flush=True)
+    info = machine(args.device)
+    out = args.out or ROOT / "results" / f"kernels_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
+    args.md.write_text(markdown(results, info))
+    print(f"wrote {out} and {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
