@@ -143,7 +143,9 @@ def shard_items(spec: str, rejects: list) -> Iterator[Item]:
     import webdataset as wds
 
     def on_error(exn: Exception) -> bool:
-        rejects.append({"source": spec, "reason": "shard_error", "detail": str(exn)[:300]})
+        # webdataset appends the shard's url to the exception's args
+        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else spec
+        rejects.append({"source": url, "reason": "shard_error", "detail": str(exn.args[0] if exn.args else exn)[:300]})
         return True
 
     for s in wds.DataPipeline(wds.SimpleShardList(expand_shards(spec)), wds.tarfile_to_samples(handler=on_error)):
@@ -159,21 +161,26 @@ def shard_items(spec: str, rejects: list) -> Iterator[Item]:
 # --------------------------------------------------------------------------- per-image work (worker processes)
 
 
-def _clean(captions: list) -> list[str]:
+def _clean(captions: list) -> tuple[list[str], list[BadSample]]:
+    """-> (non-blank captions with whitespace collapsed, captions dropped for bad bytes). A caption
+    with bad bytes is dropped alone; the image goes when no caption is left."""
     if not captions:
         raise BadSample("missing_caption")
-    out = []
+    out, dropped = [], []
     for c in captions:
-        out.extend(" ".join(t.split()) for t in parse_captions(decode_text(c) if isinstance(c, bytes) else c))
+        try:
+            out.extend(" ".join(t.split()) for t in parse_captions(decode_text(c) if isinstance(c, bytes) else c))
+        except BadSample as e:
+            dropped.append(e)
     if not out:
-        raise BadSample("empty_caption")
-    return out
+        raise dropped[0] if dropped else BadSample("empty_caption")
+    return out, dropped
 
 
 def process(item: Item, opts: Options) -> dict:
-    """Item -> {"sample": {...}} or {"reject": {...}}; never raises for bad input."""
+    """Item -> {"sample": {...} or None, "rejects": [...]}; never raises for bad input."""
     try:
-        captions = _clean(item.captions)
+        captions, dropped = _clean(item.captions)
         data = item.data
         if data is None:
             try:
@@ -185,9 +192,11 @@ def process(item: Item, opts: Options) -> dict:
         img = decode_image(data, max_pixels=opts.max_pixels)
         ext, data = _encode(data, img, opts)
     except BadSample as e:
-        return {"reject": {"source": item.source, "reason": e.reason, "detail": str(e)[:300]}}
+        return {"sample": None, "rejects": [{"source": item.source, "reason": e.reason, "detail": str(e)[:300]}]}
     meta = {"captions": captions, "image_id": item.image_id, "source": item.source}
-    return {"sample": {ext: data, "txt": captions[0], "json": json.dumps(meta, ensure_ascii=False)}}
+    sample = {ext: data, "txt": captions[0], "json": json.dumps(meta, ensure_ascii=False)}
+    rejects = [{"source": item.source, "reason": e.reason, "detail": f"caption dropped: {e}"[:300]} for e in dropped]
+    return {"sample": sample, "rejects": rejects}
 
 
 def _encode(data: bytes, img: Image.Image, opts: Options) -> tuple[str, bytes]:
@@ -255,9 +264,8 @@ def prepare(source: str, out: str | Path, *, images: str | None = None, shard_si
                 args = [(item, opts) for item in block]
                 results = pool.imap(_process_star, args, chunksize=8) if pool else map(_process_star, args)
                 for r in results:
-                    if "reject" in r:
-                        rejects.append(r["reject"])
-                    else:
+                    rejects.extend(r["rejects"])
+                    if r["sample"] is not None:
                         sink.write({"__key__": f"{index:09d}", **r["sample"]})
                         index += 1
                     bar.update(1)
