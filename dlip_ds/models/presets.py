@@ -36,13 +36,13 @@ PRESETS: dict[str, dict] = {
     "dlip-base": {
         "vision": _vit(768, 6, 12),
         "text": _bert(768, 6, 12),
-        "fusion": {"mode": "blip", "layers": 6},
+        "fusion": {"mode": "blip", "layers": 3},
         "embed_dim": 256,
     },
     "dlip-small": {
-        "vision": _vit(384, 10, 6),
-        "text": _bert(384, 4, 6),
-        "fusion": {"mode": "blip", "layers": 2},
+        "vision": _vit(384, 12, 6),
+        "text": _bert(384, 6, 6),
+        "fusion": {"mode": "blip", "layers": 3},
         "embed_dim": 256,
     },
     "dlip-tiny": {
