@@ -102,3 +102,23 @@ def test_encode_captions_matches_blip_recipe(vocab_dir, prompt):
     assert got["input_ids"].shape[1] == 9  # the long caption is truncated at max_length
     if not prompt:
         assert torch.equal(got["attention_mask"], got["lm_attention_mask"])
+
+
+def test_load_tokenizer_hub_name_from_local_cache(tmp_path):
+    """A hub name resolves offline from the Hugging Face cache (HF_HUB_OFFLINE, as on a cluster)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-bert"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    (snapshot / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    code = ("from dlip_ds.data.text import load_tokenizer; t = load_tokenizer('someorg/tiny-bert'); "
+            "print(len(t), t.enc_token_id, t.convert_ids_to_tokens(t('a red circle').input_ids))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[:2] == [str(5 + len(WORDS) + 2), str(5 + len(WORDS) + 1)]
+    assert "'red'" in out and "[UNK]" not in out
