@@ -76,7 +76,7 @@ def collect(loader, n_batches=None):
     for i, b in enumerate(loader):
         if n_batches is not None and i >= n_batches:
             break
-        ids += b["image_ids"].tolist()
+        ids += b["image_ids"].tolist() if "image_ids" in b else []
         for k, v in b["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
     return ids, skipped
@@ -179,6 +179,10 @@ def test_loader_skips_and_counts_bad_input(tok, tmp_path):
     ids, skipped = collect(make_epoch_loader(bad, cfg(), tok, VISION, batch_size=3))
     assert sorted(ids) == kept
     assert skipped == reasons
+    # skips after the last batch are reported too (a final batch holding only `skipped`)
+    tail = write_shard(tmp_path / "tail.tar", [{"__key__": "t0", "txt": "a red circle"}])
+    ids, skipped = collect(make_epoch_loader([bad, tail], cfg(), tok, VISION, batch_size=7))
+    assert sorted(ids) == kept and skipped == {**reasons, "missing_image": 2}
 
 
 def test_truncated_shard(tok, tmp_path):

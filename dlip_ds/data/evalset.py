@@ -96,8 +96,8 @@ class EvalSet:
 def _from_shards(specs: list[str], max_words: int) -> EvalSet:
     es, index, counter = EvalSet(), {}, SkipCounter()
     urls = [u for s in specs for u in expand_shards(s)]
-    handler = _count_shard_errors(counter)
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler)):
+    read = wds.tarfile_to_samples(handler=lambda exn: counter.add("shard_error", exn) or True)
+    for sample in wds.DataPipeline(wds.SimpleShardList(urls), read):
         try:
             ext, captions, meta = sample_fields(sample)
             captions = [c for c in (clean_caption(c, max_words) for c in captions) if c]
@@ -105,22 +105,12 @@ def _from_shards(specs: list[str], max_words: int) -> EvalSet:
                 raise BadSample("empty_caption")
             decode_image(sample[ext])
         except BadSample as e:
-            counter.add(e.reason)
-            log.warning("eval set: skipping %s:%s (%s)", sample["__url__"], sample["__key__"], e)
+            counter.add(e.reason, f"eval set {sample['__url__']}:{sample['__key__']}: {e}")
             continue
         image_id = image_id_of(meta, sample["__key__"])
         es._add(image_id, image_id, captions, (sample["__url__"], sample["__key__"], ext), index)
     es.skipped = dict(counter.total)
     return es
-
-
-def _count_shard_errors(counter: SkipCounter):
-    def handler(exn: Exception) -> bool:
-        counter.add("shard_error")
-        log.warning("eval set: skipping a shard: %s", exn)
-        return True
-
-    return handler
 
 
 def read_annotations(path: str | Path) -> list[dict]:
@@ -155,8 +145,7 @@ def _from_annotations(path: Path, image_root: str | None, max_words: int) -> Eva
                     raise BadSample("missing_file")
                 decode_image(image_path.read_bytes())
         except BadSample as err:
-            counter.add(err.reason)
-            log.warning("eval set: skipping %s (%s)", image_path, err)
+            counter.add(err.reason, f"eval set {image_path}: {err}")
             continue
         # Grouped by file: BLIP's training annotations list one entry per caption.
         es._add(image_path.as_posix(), e.get("image_id", e["image"]), captions, str(image_path), index)

@@ -38,6 +38,8 @@ def inspect_shards(shards, tokenizer, *, image_size: int = 224, batch_size: int 
     for batch in loader:
         for reason, n in batch["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+        if "captions" not in batch:  # the skipped-only batch that ends an epoch
+            continue
         samples += len(batch["captions"])
         captions += int(batch["num_captions"].sum())
         words += [len(c.split()) for c in batch["captions"]]

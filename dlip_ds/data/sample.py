@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import zlib
 from collections import Counter
 
 import numpy as np
 from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -111,16 +114,20 @@ def image_id_of(meta: dict, key: str) -> int:
 
 
 class SkipCounter:
-    """Skipped samples by reason, counted where they are dropped (per dataloader worker);
-    `pop()` hands the counts since the previous call to the batch that carries them."""
+    """Skipped samples by reason, counted where they are dropped (per dataloader worker) and logged
+    (the first few of each reason, then every 1000th); `pop()` hands the counts since the previous
+    call to the batch that carries them."""
 
     def __init__(self):
         self.counts: Counter = Counter()
         self.total: Counter = Counter()
 
-    def add(self, reason: str, n: int = 1) -> None:
-        self.counts[reason] += n
-        self.total[reason] += n
+    def add(self, reason: str, detail: object = "") -> None:
+        self.counts[reason] += 1
+        self.total[reason] += 1
+        n = self.total[reason]
+        if n <= 5 or n % 1000 == 0:
+            log.warning("skipping (%s, %d so far): %s", reason, n, detail)
 
     def pop(self) -> dict[str, int]:
         out, self.counts = dict(self.counts), Counter()

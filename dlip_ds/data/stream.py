@@ -54,17 +54,14 @@ def source_list(spec) -> list[str]:
 # --------------------------------------------------------------------------- pipeline stages
 
 
-class _LogAndCount:
-    """webdataset handler: count the failure, log the first few of each kind, continue."""
+class _LogAndContinue:
+    """webdataset handler: count (and log) the failure as `reason`, then continue."""
 
     def __init__(self, counter: SkipCounter, reason: str):
         self.counter, self.reason = counter, reason
 
     def __call__(self, exn: Exception) -> bool:
-        self.counter.add(self.reason)
-        n = self.counter.total[self.reason]
-        if n <= 5 or n % 1000 == 0:
-            log.warning("skipping (%s, %d so far): %s", self.reason, n, exn)
+        self.counter.add(self.reason, exn)
         return True
 
 
@@ -159,7 +156,7 @@ class ToExample:
                 raise BadSample("empty_caption")
             image = decode_image(sample[ext])
         except BadSample as e:
-            _LogAndCount(self.counter, e.reason)(f"{sample.get('__url__', '?')}:{key}: {e}")
+            self.counter.add(e.reason, f"{sample.get('__url__', '?')}:{key}: {e}")
             return None
         with self.rng:
             caption = random.choice(captions) if self.train else captions[0]
@@ -191,6 +188,19 @@ def _drop_none(src: Iterator) -> Iterator:
     return (s for s in src if s is not None)
 
 
+class _FlushSkips:
+    """Epoch mode: samples skipped after a worker's last batch still reach the consumer, in a final
+    batch that holds only `skipped`."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, src: Iterator) -> Iterator:
+        yield from src
+        if left := self.counter.pop():
+            yield {"skipped": left}
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -202,7 +212,7 @@ def build_pipeline(sources: Sequence[str], tokenizer, *, cfg: DataConfig, transf
     worker, in order, with a last partial batch."""
     counter = SkipCounter()
     run_seed = make_seed(seed, start_step, rank)
-    read = [wds.tarfile_to_samples(handler=_LogAndCount(counter, "shard_error"))]
+    read = [wds.tarfile_to_samples(handler=_LogAndContinue(counter, "shard_error"))]
     shuffle = [wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), rng=random.Random(run_seed))] \
         if train and cfg.shuffle_buffer > 1 else []
     if resampled:
@@ -224,6 +234,7 @@ def build_pipeline(sources: Sequence[str], tokenizer, *, cfg: DataConfig, transf
         wds.map(to_example),
         _drop_none,
         wds.batched(batch_size, collation_fn=collate, partial=not resampled),
+        *([] if resampled else [_FlushSkips(counter)]),
     )
 
 
@@ -252,7 +263,8 @@ def make_epoch_loader(shards, cfg: DataConfig, tokenizer, vision: VisionConfig, 
                       world_size: int = 1, workers: int | None = None, augment: bool = False,
                       batch_size: int | None = None, seed: int = 0) -> wds.WebLoader:
     """One exact pass over `shards` (every sample once across ranks and workers), batched like
-    training; `augment` applies the training transform (as `inspect --augment` shows it)."""
+    training; `augment` applies the training transform (as `inspect --augment` shows it). A worker
+    whose last samples were all skipped ends with a batch that holds only `skipped`."""
     transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if augment \
         else eval_transform(vision)
     pipeline = build_pipeline(source_list(shards), tokenizer, cfg=cfg, transform=transform,
