@@ -431,7 +431,7 @@ def _infer_bert(text: dict, med: dict, where: str) -> dict:
     depth = 1 + max(int(k.split(".")[1]) for k in text if k.startswith("layers."))
     heads = med.get("num_attention_heads")
     if heads is None:
-        heads = width // 64
+        heads = max(1, width // 64)
         log.warning("%s: no med config; assuming %d attention heads (head width 64, as BERT/BLIP)", where, heads)
     return {"vocab_size": text["embeddings.word_embeddings.weight"].shape[0], "width": width, "depth": depth,
             "heads": heads, "intermediate": text["layers.0.mlp.fc1.weight"].shape[0],
@@ -443,7 +443,9 @@ def _infer_bert(text: dict, med: dict, where: str) -> dict:
 def _load_salesforce_blip(path: Path, med_config, overrides: dict) -> VLPModel:
     """Salesforce BLIP checkpoints (models/blip_pretrain.py, blip_retrieval.py, blip.py decoder): the
     topology (decoder shared or not, momentum copies) is read from the keys, sizes from the shapes and
-    the med config json (`med_config=` or `med_config.json` beside the file)."""
+    the med config json (`med_config=` or `med_config.json` beside the file). Attention heads are not in
+    the weights: the vision encoder gets width // 64 (BLIP's ViT-B and ViT-L), unless overridden
+    (`vision={"heads": n}`); the text takes the med config's, else width // 64 too."""
     where = str(path)
     state = _read_weights(path)
     med_path = Path(med_config) if med_config else path.with_name("med_config.json")
@@ -489,7 +491,7 @@ def _load_salesforce_blip(path: Path, med_config, overrides: dict) -> VLPModel:
     patch = vis["patch_embed.proj.weight"].shape[-1]
     grid = math.isqrt(vis["pos_embed"].shape[1] - 1)
     data = {
-        "vision": {"image_size": grid * patch, "patch_size": patch, "width": width, "heads": width // 64,
+        "vision": {"image_size": grid * patch, "patch_size": patch, "width": width, "heads": max(1, width // 64),
                    "depth": 1 + max(int(k.split(".")[1]) for k in vis if k.startswith("blocks.")),
                    "mlp_ratio": vis["blocks.0.mlp.fc1.weight"].shape[0] / width, "layer_norm_eps": 1e-6},
         "text": tcfg,
