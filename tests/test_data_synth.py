@@ -87,7 +87,7 @@ def test_images_show_what_captions_say():
     checked = 0
     for i in range(100):
         s = make_sample(0, "train", i, 64)
-        m = next(filter(None, (re.fullmatch(r"a (small|large) (\w+) (\w+) (in|on) the (.*)", c) for c in s["captions"])),
+        m = next(filter(None, (re.fullmatch(r"a (small|large) (\w+) (\w+) (in|on|at) the (.*)", c) for c in s["captions"])),
                  None)
         if s["kind"] != "single" or not m or m.group(5).endswith("background"):
             continue

@@ -85,6 +85,10 @@ def _new_obj(rng: random.Random, pair, size: str, x: float, y: float) -> Obj:
     return Obj(pair[0], pair[1], size, x, y, rng.uniform(lo, hi), rng.uniform(-25, 25))
 
 
+_AT = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
+       "center": "in the center"}
+
+
 def _scene_single(rng, pairs, bg):
     pair = rng.choice(pairs)
     size = rng.choice(list(SIZES))
@@ -92,7 +96,7 @@ def _scene_single(rng, pairs, bg):
     cx, cy = POSITIONS[where]
     obj = _new_obj(rng, pair, size, cx + rng.uniform(-0.05, 0.05), cy + rng.uniform(-0.05, 0.05))
     c, s = pair
-    at = "in the center" if where == "center" else f"on the {where}" if " " not in where else f"in the {where} corner"
+    at = _AT.get(where, f"in the {where} corner")
     templates = [
         f"a {size} {c} {s} {at}",
         f"{at} there is a {size} {c} {s}",
