@@ -184,18 +184,21 @@ def consolidated_student_state(checkpoint_dir: str | Path, tag: str) -> dict[str
     return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
 
 
-def student_from_checkpoint(model_cfg, checkpoint_dir: Path, tag: str):
-    """A fresh fp32 VLPModel holding the checkpoint's student weights."""
+def student_from_state(model_cfg, state: dict[str, torch.Tensor], source: str):
+    """A fresh fp32 VLPModel holding `state` (a trained student's weights)."""
     from dlip_ds.models.checkpoints import load_state_strict
     from dlip_ds.models.vlp import VLPModel
 
     model = VLPModel(model_cfg)
-    state = consolidated_student_state(checkpoint_dir, tag)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     # The trainer trains 0-d parameters as [1] (see trainer._lift_scalar_params): restore the shape.
-    state = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 else v for k, v in state.items()}
-    load_state_strict(model, state, str(checkpoint_dir / tag))
+    state = {k: v.float().reshape(shapes[k]) if k in shapes and v.numel() == 1 else v.float() for k, v in state.items()}
+    load_state_strict(model, state, source)
     return model.eval()
+
+
+def student_from_checkpoint(model_cfg, checkpoint_dir: Path, tag: str):
+    return student_from_state(model_cfg, consolidated_student_state(checkpoint_dir, tag), str(checkpoint_dir / tag))
 
 
 def export_student(model_cfg, checkpoint_dir: Path, tag: str, out_dir: Path, tokenizer=None) -> Path:

@@ -30,6 +30,7 @@ from dlip_ds.engine.checkpoint import (
     StopRequest,
     TrainState,
     export_student,
+    student_from_state,
 )
 from dlip_ds.engine.distributed import (
     DistEnv,
@@ -172,22 +173,21 @@ def _gather_counts(counts: Counter) -> Counter:
     return total
 
 
-def _evaluate(recipe: Recipe, student, eval_set, tokenizer, env: DistEnv, dtype: torch.dtype, zero3: bool) -> dict:
-    """Retrieval metrics on rank 0 (ITC ranking, ITM re-rank of the top 16); all ranks take part in
-    gathering ZeRO-3 shards."""
+def _evaluate(recipe: Recipe, student, eval_set, tokenizer, env: DistEnv, zero3: bool) -> dict:
+    """Retrieval metrics (ITC ranking, ITM re-rank of the top 16) of an fp32 copy of the student, on
+    rank 0; every rank takes part in gathering ZeRO-3 shards for the copy."""
     import deepspeed
 
     from dlip_ds.eval.retrieval import evaluate_retrieval
 
     metrics: dict = {}
-    was_training = student.training
-    student.eval()
     with deepspeed.zero.GatheredParameters(list(student.parameters()), enabled=zero3):
         if env.is_main:
-            with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                metrics = evaluate_retrieval(student, eval_set, tokenizer, k=16, batch_size=recipe.data.batch_size,
-                                             device=env.device, rank=0, world_size=1, progress=False)
-    student.train(was_training)
+            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    if env.is_main:
+        model = student_from_state(student.cfg, state, "the training student").to(env.device)
+        metrics = evaluate_retrieval(model, eval_set, tokenizer, k=16, batch_size=recipe.data.batch_size,
+                                     device=env.device, rank=0, world_size=1, progress=False)
     barrier()
     return metrics
 
@@ -358,7 +358,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
                 _log(monitor, engine, state, window, env, global_batch)
                 window = Window()
             if cfg.eval_every > 0 and state.step % cfg.eval_every == 0 and recipe.data.eval_shards:
-                metrics = _evaluate(recipe, student, eval_set, tokenizer, env, dtype, stage == 3)
+                metrics = _evaluate(recipe, student, eval_set, tokenizer, env, stage == 3)
                 monitor.scalars(state.step, {f"eval/{k}": v for k, v in metrics.items()})
                 monitor.print(f"step {state.step} eval: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
             if stop_reason is None and any_rank(stop.requested() is not None, env.device):
@@ -424,6 +424,7 @@ def _log(monitor: Monitor, engine, state: TrainState, window: Window, env: DistE
     grad_norm = _grad_norm(engine)
     if grad_norm is not None:
         values["train/grad_norm"] = grad_norm
+    values["data/skipped_samples"] = float(sum(state.skipped_samples.values()))
     for reason, count in state.skipped_samples.items():
         values[f"data/skipped_{reason}"] = float(count)
     monitor.scalars(state.step, values)
