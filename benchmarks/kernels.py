@@ -8,9 +8,10 @@
 - LM logit KD: `linear_kd_loss` "chunked" vs "torch" (whole [tokens, 30524] logits);
 - representation KD: `repr_kd_loss` "fused" (one baddbmm over stacked pairs) vs "torch" (per pair).
 
-Time: median of torch.utils.benchmark's blocked_autorange (it synchronises CUDA). Peak memory: the extra
-bytes over the inputs during one forward+backward: torch.cuda.max_memory_allocated on CUDA; on CPU the
-growth of the process's peak RSS (resource.ru_maxrss) in a fresh subprocess per measurement.
+Time: fused and reference of one shape run in turn, round after round (CUDA synchronised around each
+run), median and min over the rounds. Peak memory: the extra bytes over the inputs during one
+forward+backward: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the process's peak RSS
+(resource.ru_maxrss) in a fresh subprocess per measurement.
 Writes JSON to benchmarks/results/kernels_<device>.json and a Markdown table to benchmarks/kernels.md
 (or --md).
 """
@@ -22,12 +23,14 @@ import datetime
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,7 +93,8 @@ def make_case(spec: dict, device: str, seed: int = 0):
     return run
 
 
-def measure(spec: dict, device: str, min_run_time: float) -> dict:
+def peak_memory(spec: dict, device: str) -> float:
+    """Extra MiB over the inputs during one forward+backward (after a warm-up run on CUDA)."""
     run = make_case(spec, device)
     if device == "cuda":
         run()  # compile / warm up
@@ -99,26 +103,40 @@ def measure(spec: dict, device: str, min_run_time: float) -> dict:
         base = torch.cuda.memory_allocated()
         run()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        # ru_maxrss is a high-water mark (KiB on Linux): read before the first run, so this process
-        # (a fresh one per measurement) has held nothing bigger than the inputs yet
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    return {**spec, "ms": round(m.median * 1e3, 3), "ms_iqr": round(m.iqr * 1e3, 3),
-            "peak_extra_mib": round(peak / 2**20, 1)}
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # ru_maxrss is a high-water mark (KiB on Linux): read before the first run, in a fresh process
+    # (see peak_memory_isolated) that has held nothing bigger than the inputs yet
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 
 
-def measure_isolated(spec: dict, device: str, min_run_time: float) -> dict:
-    """CPU: one fresh interpreter per measurement, so ru_maxrss starts at the inputs."""
+def peak_memory_isolated(spec: dict, device: str) -> float:
+    """CPU: in a fresh process. Its ru_maxrss starts at the parent's RSS (kept across fork and exec)."""
     if device == "cuda":
-        return measure(spec, device, min_run_time)
-    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--min-run-time", str(min_run_time)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return peak_memory(spec, device)
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True,
+                         text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def time_group(specs: list[dict], device: str, min_run_time: float) -> list[dict]:
+    """Milliseconds per forward+backward of each spec, the specs run in turn (interleaved), so that
+    load from other processes hits fused and reference alike; median and min over the rounds."""
+    runs = [make_case(spec, device) for spec in specs]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for run in runs:
+        run()  # warm-up (Triton compilation, allocator)
+    times: list[list[float]] = [[] for _ in runs]
+    start = time.perf_counter()
+    while len(times[0]) < 3 or (time.perf_counter() - start < min_run_time * len(runs) and len(times[0]) < 200):
+        for run, ts in zip(runs, times):
+            sync()
+            t = time.perf_counter()
+            run()
+            sync()
+            ts.append((time.perf_counter() - t) * 1e3)
+    return [{"ms": round(statistics.median(ts), 3), "ms_min": round(min(ts), 3), "rounds": len(ts)} for ts in times]
 
 
 def plan(device: str, dtypes: list[str]) -> list[dict]:
@@ -177,11 +195,12 @@ def markdown(results: list[dict], info: dict) -> str:
         f"### Kernel benchmarks ({info['device']}: {where}, {info['date']})",
         "",
         f"torch {info['torch']}" + (f", triton {info['triton']}" if "triton" in info else "")
-        + f", {info['threads']} threads. Forward+backward; time is the median of "
-        "torch.utils.benchmark; memory is the peak extra over the inputs "
+        + f", {info['threads']} threads. Forward+backward; time is the median over interleaved rounds "
+        "(min in the JSON); memory is the peak extra over the inputs "
         + ("(torch.cuda.max_memory_allocated)." if info["device"] == "cuda" else "(peak RSS growth, fresh process)."),
         "",
-        "| op | shape | dtype | fused ms | reference ms | speed-up | fused MiB | reference MiB | memory ratio |",
+        ("| op | shape | dtype | fused ms (median / min) | reference ms (median / min) | speed-up (medians) "
+        "| fused MiB | reference MiB | memory ratio |"),
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     rows: dict = {}
@@ -189,14 +208,17 @@ def markdown(results: list[dict], info: dict) -> str:
         rows.setdefault((r["op"], shape_of(r), r["dtype"]), {})[r["backend"]] = r
 
     def cell(r, k):
-        return f"{r[k]:.2f}" if r else "n/a"
+        return f"{r[k]:.1f}" if r else "n/a"
+
+    def ms(r):
+        return f"{r['ms']:.1f} / {r['ms_min']:.1f}" if r else "n/a"
 
     for (op, shape, dtype), by in rows.items():
         f, ref = by.get(FUSED[op]), by.get("torch")
         speed = f"{ref['ms'] / f['ms']:.2f}x" if f and ref else "n/a"
         mem = f"{f['peak_extra_mib'] / ref['peak_extra_mib']:.1%}" if f and ref and ref["peak_extra_mib"] > 0 else "n/a"
         name = f"{op} ({FUSED[op]} vs torch)"
-        lines.append(f"| {name} | {shape} | {dtype} | {cell(f, 'ms')} | {cell(ref, 'ms')} | {speed} | "
+        lines.append(f"| {name} | {shape} | {dtype} | {ms(f)} | {ms(ref)} | {speed} | "
                      f"{cell(f, 'peak_extra_mib')} | {cell(ref, 'peak_extra_mib')} | {mem} |")
     if info["device"] != "cuda":
         note = ("On CPU the attention kernels run only as the PyTorch reference (the Triton path needs CUDA; the "
@@ -210,25 +232,31 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: bf16 fp16 on CUDA, fp32 on CPU")
     p.add_argument("--only", nargs="+", choices=["attention", "lm", "repr"], help="run only these ops")
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     p.add_argument("--md", type=Path, default=ROOT / "kernels.md", help="Markdown table path")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT.parent))
     if args.child:
-        print(json.dumps(measure(json.loads(args.child), "cpu", args.min_run_time)))
+        print(peak_memory(json.loads(args.child), "cpu"))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     dtypes = args.dtype or (["bf16", "fp16"] if args.device == "cuda" else ["fp32"])
     specs = [s for s in plan(args.device, dtypes) if not args.only or s["op"] in args.only]
+    # memory first: a child process inherits the parent's peak RSS, so the parent must still be small
+    memory = [round(peak_memory_isolated(spec, args.device), 1) for spec in tqdm(specs, desc="peak memory")]
+    groups: dict = {}
+    for spec, mib in zip(specs, memory):  # fused and reference of one shape are timed together
+        groups.setdefault((spec["op"], shape_of(spec), spec["dtype"]), []).append({**spec, "peak_extra_mib": mib})
     results = []
-    for i, spec in enumerate(specs, 1):
-        r = measure_isolated(spec, args.device, args.min_run_time)
-        results.append(r)
-        print(f"[{i}/{len(specs)}] {r['op']:9s} {r['backend']:7s} {shape_of(r):32s} {r['dtype']}: "
-              f"{r['ms']:9.2f} ms  {r['peak_extra_mib']:9.1f} MiB", flush=True)
+    for i, group in enumerate(groups.values(), 1):
+        for spec, timing in zip(group, time_group(group, args.device, args.min_run_time)):
+            r = {**spec, **timing}
+            results.append(r)
+            print(f"[{i}/{len(groups)}] {r['op']:9s} {r['backend']:7s} {shape_of(r):32s} {r['dtype']}: "
+                  f"{r['ms']:9.2f} ms (min {r['ms_min']:.2f})  {r['peak_extra_mib']:9.1f} MiB", flush=True)
     info = machine(args.device)
     out = args.out or ROOT / "results" / f"kernels_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

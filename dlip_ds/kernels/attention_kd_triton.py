@@ -18,6 +18,8 @@ Masked scores (padding, causal, tails of blocks) are set to a finite -1e30 on bo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -194,6 +196,11 @@ def _attn_kd_bwd_dk(
     tl.store(out, dk.to(dk_ptr.dtype.element_ty), mask=mask)
 
 
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs >= 16; masked loads pad the rest
 
@@ -229,7 +236,8 @@ class _AttentionKD(torch.autograd.Function):
             kpm.stride(0) if kpm is not None else 0, n_q, n_k, r, d_s, d_t, scale_s, scale_t,
         )
         grid = (triton.cdiv(n_q, block_m), b * r)
-        _attn_kd_fwd[grid](q_s, k_s, q_t, k_t, kpm_arg, lse_s, lse_t, kl, *common, **meta)
+        with _on_device(q_s.device):
+            _attn_kd_fwd[grid](q_s, k_s, q_t, k_t, kpm_arg, lse_s, lse_t, kl, *common, **meta)
         ctx.save_for_backward(q_s, k_s, q_t, k_t, kpm_arg, row_weight, rows, lse_s, lse_t)
         ctx.common, ctx.meta = common, meta
         weighted = torch.where(row_weight[:, None, :] > 0, kl, 0.0)
@@ -245,12 +253,13 @@ class _AttentionKD(torch.autograd.Function):
         meta, block_m, block_n = ctx.meta, ctx.meta["BLOCK_M"], ctx.meta["BLOCK_N"]
         args = (q_s, k_s, q_t, k_t, kpm_arg, lse_s, lse_t, row_weight, coef)
         dq = dk = None
-        if ctx.needs_input_grad[0]:
-            dq = torch.empty(b, r, n_q, d_s, dtype=q_s.dtype, device=q_s.device)
-            _attn_kd_bwd_dq[(triton.cdiv(n_q, block_m), b * r)](*args, dq, *ctx.common, **meta)
-        if ctx.needs_input_grad[1]:
-            dk = torch.empty(b, r, n_k, d_s, dtype=k_s.dtype, device=k_s.device)
-            _attn_kd_bwd_dk[(triton.cdiv(n_k, block_n), b * r)](*args, dk, *ctx.common, **meta)
+        with _on_device(q_s.device):
+            if ctx.needs_input_grad[0]:
+                dq = torch.empty(b, r, n_q, d_s, dtype=q_s.dtype, device=q_s.device)
+                _attn_kd_bwd_dq[(triton.cdiv(n_q, block_m), b * r)](*args, dq, *ctx.common, **meta)
+            if ctx.needs_input_grad[1]:
+                dk = torch.empty(b, r, n_k, d_s, dtype=k_s.dtype, device=k_s.device)
+                _attn_kd_bwd_dk[(triton.cdiv(n_k, block_n), b * r)](*args, dk, *ctx.common, **meta)
         return dq, dk, *([None] * 10)
 
 

@@ -79,7 +79,8 @@ def linear_kd_loss(
     h: [..., D] (leading dims flattened to tokens; teacher and student may differ in D), w: [V, D],
     b: [V]; mask: bool over the leading shape, True = ignore the token. Gradients reach h_s, w_s
     and b_s; the teacher is detached. backend: "chunked" (never holds [tokens, V] logits, any
-    device), "torch" (whole logits, the reference), or "auto" (chunked on CUDA, torch elsewhere).
+    device), "torch" (whole logits, the reference), or "auto" (chunked on every device: it is plain
+    PyTorch, and on CPU too it measured faster and smaller than whole logits, benchmarks/kernels.md).
     """
     if h_s.shape[:-1] != h_t.shape[:-1]:
         raise ValueError(f"linear_kd_loss: h_s {tuple(h_s.shape)} and h_t {tuple(h_t.shape)} differ in tokens")
@@ -97,7 +98,7 @@ def linear_kd_loss(
         )
     if not temperature > 0 or chunk_size < 1:
         raise ValueError(f"linear_kd_loss: need temperature > 0 and chunk_size >= 1, got {temperature}, {chunk_size}")
-    if resolve_backend("linear_kd_loss", backend, h_s.device, BACKENDS) == "torch":
+    if resolve_backend("linear_kd_loss", backend, h_s.device, BACKENDS, cpu_auto="chunked") == "torch":
         return linear_kd_reference(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, mask=mask, temperature=temperature)
     keep = None if mask is None else ~mask.reshape(-1)
     return _ChunkedLinearKD.apply(

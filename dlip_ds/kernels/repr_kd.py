@@ -1,10 +1,10 @@
 """Representation distillation over all mapped layer pairs of a module: sum over pairs of
 MSE(h_s W^T + b, h_t), averaged over kept tokens and teacher channels.
 
-Two forms give the same value: "torch" runs one linear and one MSE per pair; "fused" keeps only
-the unpadded tokens and runs every pair in one batched matmul (torch.baddbmm) over stacked
-layers, when all pairs share their shapes. benchmarks/kernels.py times both; "auto" picks the
-one that measured faster there.
+Two forms give the same value: "torch" runs one linear and one MSE per pair; "fused" stacks the
+pairs and runs them in one batched matmul (torch.baddbmm) and one reduction, when all pairs share
+their shapes (fewer, larger kernels; the stacks cost one copy of the hidden states).
+benchmarks/kernels.py times both; "auto" picks the one that measured faster there.
 """
 
 from __future__ import annotations
@@ -28,22 +28,16 @@ def _stackable(h_s, h_t, weights, biases) -> bool:
 
 
 def repr_kd_fused(h_s, h_t, weights, biases, *, mask=None) -> torch.Tensor:
-    """All pairs in one baddbmm over [L, tokens, D] stacks of the kept tokens."""
-    keep = None if mask is None else (~mask).reshape(-1).nonzero().squeeze(1)
-
-    def tokens(h):  # [B, N, D] -> [kept, D]
-        h = h.reshape(-1, h.shape[-1])
-        return h if keep is None else h.index_select(0, keep)
-
-    hs = torch.stack([tokens(h) for h in h_s])  # [L, T, Ds]
-    ht = torch.stack([tokens(h.detach()) for h in h_t])  # [L, T, Dt]
+    """All pairs in one baddbmm over [L, B*N, D] stacks."""
+    hs = torch.stack(h_s).flatten(1, 2)  # [L, B*N, Ds]
+    ht = torch.stack([h.detach() for h in h_t]).flatten(1, 2)  # [L, B*N, Dt]
     w = torch.stack(weights).transpose(1, 2)  # [L, Ds, Dt]
-    if biases[0] is None:
-        y = torch.bmm(hs, w)
-    else:
-        y = torch.baddbmm(torch.stack(biases).unsqueeze(1), hs, w)
-    err = (accumulate(y) - accumulate(ht)).pow(2).sum()
-    return err / (max(hs.shape[1], 1) * ht.shape[-1])
+    y = torch.bmm(hs, w) if biases[0] is None else torch.baddbmm(torch.stack(biases).unsqueeze(1), hs, w)
+    err = (accumulate(y) - accumulate(ht)).pow(2).sum(-1)  # [L, B*N]
+    if mask is None:
+        return err.sum() / (err.shape[1] * ht.shape[-1])
+    keep = ~mask.reshape(1, -1)
+    return torch.where(keep, err, 0.0).sum() / (keep.sum().clamp(min=1) * ht.shape[-1])
 
 
 def repr_kd_loss(
