@@ -288,6 +288,11 @@ def test_salesforce_captioner_checkpoint(hf_models, tmp_path, caplog):
     px, ids, mask = inputs("wide")
     with torch.no_grad():
         assert max_diff(ours.lm_logits(px, ids, mask), hf_lm(cap, px, ids, mask)) <= TOL
+    state["text_decoder.cls.predictions.decoder.weight"] = torch.zeros_like(
+        state["text_decoder.cls.predictions.decoder.weight"])
+    torch.save(state, tmp_path / "untied.pth")
+    with pytest.raises(ConfigError, match="tied"):
+        dlip_ds.load_model(tmp_path / "untied.pth", med_config=tmp_path / "med.json", vision={"heads": 3})
 
 
 def test_refuses_pickled_objects(tmp_path):

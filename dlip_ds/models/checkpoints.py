@@ -320,7 +320,8 @@ def _load_hf_blip(path: Path, overrides: dict) -> VLPModel:
         cfg = _config_from_hf(hf, overrides, {"enabled": True, "share": False}, where)
         ours = {**_prefixed(vision, "vision."),
                 **_prefixed(bert_to_ours(_sub(state, "text_decoder.bert."), str(path)), "decoder.stack."),
-                **_lm_head_from_bert(_sub(state, "text_decoder.cls.predictions."), str(path))}
+                **_lm_head_from_bert(_sub(state, "text_decoder.cls.predictions."),
+                                     state.get("text_decoder.bert.embeddings.word_embeddings.weight"), str(path))}
         allow = ("text.", "itc.", "itm_head.", "fusion.")  # a captioner has no text encoder or ITC/ITM heads
     else:
         raise ConfigError(f"{where}: architecture '{arch}' is not supported "
@@ -330,9 +331,13 @@ def _load_hf_blip(path: Path, overrides: dict) -> VLPModel:
     return model
 
 
-def _lm_head_from_bert(pred: dict, where: str) -> dict:
-    """BERT `cls.predictions.*` -> our lm_head (the output weight is tied to the word embeddings)."""
+def _lm_head_from_bert(pred: dict, words: torch.Tensor, where: str) -> dict:
+    """BERT `cls.predictions.*` -> our lm_head; the output weight must be the word embeddings (tied)."""
     out = {}
+    tied = pred.get("decoder.weight")
+    if tied is not None and words is not None and not torch.equal(tied, words):
+        raise ConfigError(f"{where}: the LM output weight differs from the word embeddings; "
+                          "only tied LM heads (as BLIP's) are supported")
     for key, value in pred.items():
         if key.startswith("transform.dense."):
             out["lm_head.dense." + key.rpartition(".")[2]] = value
@@ -479,7 +484,8 @@ def _load_salesforce_blip(path: Path, med_config, overrides: dict) -> VLPModel:
                     ours[f"decoder.self_attn.{idx}.{rest}"] = value
         else:
             ours.update(_prefixed(dec, "decoder.stack."))
-        ours.update(_lm_head_from_bert(_sub(state, "text_decoder.cls.predictions."), where))
+        ours.update(_lm_head_from_bert(_sub(state, "text_decoder.cls.predictions."),
+                                       dec["embeddings.word_embeddings.weight"], where))
     for ours_name, theirs in (("itc.vision_proj.", "vision_proj."), ("itc.text_proj.", "text_proj."),
                               ("itm_head.", "itm_head."), ("momentum.vision.", "visual_encoder_m."),
                               ("momentum.vision_proj.", "vision_proj_m."), ("momentum.text_proj.", "text_proj_m.")):

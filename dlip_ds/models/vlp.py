@@ -38,9 +38,6 @@ class TapRequest:
     self_qk: tuple[int, ...] = ()
     cross_qk: tuple[int, ...] = ()
 
-    def __bool__(self) -> bool:
-        return bool(self.hidden or self.self_qk or self.cross_qk)
-
 
 @dataclass
 class EncoderOutput:
@@ -83,13 +80,17 @@ class TextEncoder(nn.Module):
 
 
 class ITCHead(nn.Module):
-    """ITC projections and the learnable temperature (a submodule, so ZeRO-3 hooks gather it)."""
+    """ITC projections and the learnable temperature. Calling it returns the temperature clamped as BLIP
+    does; going through the module call lets ZeRO-3 hooks gather `temp`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+
+    def forward(self) -> torch.Tensor:
+        return self.temp.clamp(0.001, 0.5)
 
 
 class LMHead(nn.Module):
@@ -250,7 +251,7 @@ class VLPModel(nn.Module):
         return DecoderOutput(self._decode_hidden(image_embeds, input_ids, attention_mask, lt), lt.out)
 
     def temperature(self) -> torch.Tensor:
-        return self.itc.temp.clamp(0.001, 0.5)
+        return self.itc()
 
     def lm_features(self, hidden: torch.Tensor) -> torch.Tensor:
         self._require_decoder()
@@ -336,6 +337,10 @@ class VLPModel(nn.Module):
             prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
         else:
             prompt_ids = [int(i) for i in prompt]
+        for name, tid in (("[DEC] (bos)", bos), ("[SEP]", sep)):
+            if not 0 <= tid < t.vocab_size:
+                raise ValueError(f"generate: {name} id {tid} is outside the vocabulary of {t.vocab_size}; "
+                                 "pass the tokenizer or set text.bos_token_id / text.sep_token_id")
         if max_length <= len(prompt_ids) + 1:
             raise ValueError(f"generate: max_length={max_length} leaves no room after [DEC] and the prompt")
         image_embeds = self.encode_image(pixel_values).embeds
