@@ -116,6 +116,13 @@ def _parity_worker(args: argparse.Namespace) -> None:
             ds_cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
             engine = initialize_engine(module, recipe, ds_cfg, env.device)
             dtype = next(engine.parameters()).dtype
+            trained = {id(p) for p in engine.module.parameters()}
+            results[f"{name}/teacher"] = {  # frozen, eval mode, bf16 on CPU, outside the trained module
+                "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+                "training": teacher.training,
+                "dtypes": sorted({str(p.dtype) for p in teacher.parameters()}),
+                "in_engine": any(id(p) in trained for p in teacher.parameters()),
+            }
         generator = torch.Generator().manual_seed(env.rank)
         losses = []
         for _ in range(args.steps):
@@ -177,7 +184,7 @@ def test_zero_stages_match_plain_pytorch(assets, tmp_path):
     """The full distillation step (ITC with momentum soft targets, ITM on hard negatives, LM, every KD
     kind) in fp32: ZeRO 0, 2 and 3 follow the plain PyTorch loop to float rounding."""
     sets = ["student.momentum=true", "student.momentum_coef=0.5", "loss.itc_soft_targets=momentum",
-            "student.queue_size=16"]
+            "student.queue_size=16", "student.init.vision=teacher"]
     curves = _parity(assets, tmp_path / "stages.json", ["torch", "zero0", "zero2", "zero3"], ranks=1, sets=sets,
                      steps=3)
     ref = curves["torch"]
@@ -187,6 +194,8 @@ def test_zero_stages_match_plain_pytorch(assets, tmp_path):
         assert curves[name] == pytest.approx(ref, rel=1e-3), (name, curves[name], ref)
         # the momentum encoder's EMA (coefficient 0.5 so it moves) lands where the reference's does
         assert curves[f"{name}/momentum_error"] < 0.02, curves
+        assert curves[f"{name}/teacher"] == {"requires_grad": False, "training": False,
+                                             "dtypes": ["torch.bfloat16"], "in_engine": False}
 
 
 def test_two_ranks_follow_one_rank(assets, tmp_path):

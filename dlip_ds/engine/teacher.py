@@ -28,21 +28,25 @@ def teacher_dtype(cfg: TeacherConfig, device: torch.device) -> torch.dtype:
     return _DTYPES[cfg.dtype]
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device) -> VLPModel:
-    """`load_model(cfg.source)`, frozen, in eval mode, wrapped by `deepspeed.init_inference`."""
-    import deepspeed
-
+def load_teacher(cfg: TeacherConfig) -> VLPModel:
+    """`load_model(cfg.source)`, frozen and in eval mode, still fp32 on the CPU (students may be
+    initialised from it before `to_inference` casts it)."""
     from dlip_ds.models.checkpoints import load_model
 
-    model = load_model(cfg.source)
-    model.requires_grad_(False).eval()
+    return load_model(cfg.source).requires_grad_(False).eval()
+
+
+def to_inference(model: VLPModel, cfg: TeacherConfig, device: torch.device) -> VLPModel:
+    """Wrap the frozen teacher with `deepspeed.init_inference` (cast, placed, split over tp_size)."""
+    import deepspeed
+
     engine = deepspeed.init_inference(
         model,
         dtype=teacher_dtype(cfg, device),
         tensor_parallel={"tp_size": cfg.tp_size},
         replace_with_kernel_inject=False,  # keep our own attention: taps read Q and K from it
     )
-    # StepModule calls the stage methods of the module the engine prepared (cast, placed, split).
+    # StepModule calls the stage methods of the module the engine prepared.
     return engine.module
 
 

@@ -47,7 +47,7 @@ from dlip_ds.engine.ds_config import (
 )
 from dlip_ds.engine.logging import Monitor
 from dlip_ds.engine.optim import build_optimizer, build_scheduler, param_groups
-from dlip_ds.engine.teacher import StageClock, load_teacher
+from dlip_ds.engine.teacher import StageClock, load_teacher, to_inference
 
 
 @dataclass
@@ -110,16 +110,11 @@ def _check_recipe(recipe: Recipe, tokenizer, teacher) -> None:
 
 
 def _build_student(recipe: Recipe, teacher):
+    from dlip_ds.models.checkpoints import init_student
     from dlip_ds.models.vlp import VLPModel
 
     student = VLPModel(recipe.student.model)
-    init = recipe.student.init
-    if (init.vision, init.text) != ("random", "random"):
-        from dlip_ds.models.init import init_student  # the model package's initialisers
-
-        init_student(student, init, teacher=teacher)
-    if student.cfg.momentum:
-        student.reset_momentum()
+    init_student(student, recipe.student.init, teacher=teacher)  # also fills momentum copies
     return student
 
 
@@ -199,10 +194,12 @@ def build_step_module(recipe: Recipe, tokenizer, device: torch.device):
     from dlip_ds.losses.distill import KDPlan
 
     torch.manual_seed(recipe.train.seed)
-    teacher = load_teacher(recipe.teacher, device) if recipe.teacher.source else None
+    teacher = load_teacher(recipe.teacher) if recipe.teacher.source else None
     _check_recipe(recipe, tokenizer, teacher)
-    student = _build_student(recipe, teacher)
+    student = _build_student(recipe, teacher)  # from the fp32 teacher, before it is cast
     plan = KDPlan(recipe.loss.kd, student, teacher) if recipe.loss.kd else None
+    if teacher is not None:
+        teacher = to_inference(teacher, recipe.teacher, device)
     return teacher, StepModule(student, plan, recipe.loss)
 
 
