@@ -404,3 +404,11 @@ def test_export_cli(tmp_path, capsys):
     assert main(["export", "test-tiny", "--out", str(tmp_path / "x"), "--format", "hf-blip"]) == 0
     assert main(["export", "dlip-tiny", "--out", str(tmp_path / "y"), "--format", "hf-blip"]) == 2
     assert "fusion.layers=2 < text.depth=4" in capsys.readouterr().err
+    # a training run directory: its student is exported
+    run = tmp_path / "run"
+    student = tiny(fusion={"mode": "albef", "layers": 1})
+    save_model(student, run / "student")
+    (run / "config.yaml").write_text("name: run\n")
+    assert main(["export", str(run), "--out", str(tmp_path / "from-run")]) == 0
+    back = dlip_ds.load_model(tmp_path / "from-run")
+    assert back.cfg == student.cfg and torch.equal(back.fusion[0].mlp.fc1.weight, student.fusion[0].mlp.fc1.weight)

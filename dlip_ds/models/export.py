@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").exists()
+    """A training run directory (RUN_DIR/config.yaml), as opposed to an exported model (config.json)."""
+    return (path / "config.yaml").is_file() and not (path / "config.json").is_file()
 
 
 def run(args: argparse.Namespace) -> int:
