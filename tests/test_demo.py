@@ -1,0 +1,66 @@
+"""The demo's code path end to end at CI size: synth, pretrain, distil, baseline, evaluate, export,
+profile, report. The numbers are meaningless at this size; their shape and consistency are checked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dlip_ds.cli import main
+from dlip_ds.demo import MAX_STUDENT_SHARE, MODELS
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--ci", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_demo_report_numbers(demo_out, capsys):
+    report = json.loads((demo_out / "report.json").read_text())
+    for m in MODELS:
+        r = report[m]
+        assert set(r) >= {"params", "flops", "latency_ms", "mean_recall", "cider"}
+        assert isinstance(r["params"], int) and r["params"] > 0
+        assert r["flops"] > 0 and r["latency_ms"] > 0
+        assert 0.0 <= r["mean_recall"] <= 100.0
+        assert math.isfinite(r["cider"]) and r["cider"] >= 0.0
+        # The report carries exactly what `dlip-ds evaluate` wrote for that run.
+        metrics = json.loads((demo_out / "eval" / m / "metrics.json").read_text())
+        assert r["mean_recall"] == pytest.approx(metrics["retrieval"]["r_mean"])
+        assert r["cider"] == pytest.approx(metrics["captioning"]["cider"])
+        captions = json.loads((demo_out / "eval" / m / "captions.json").read_text())
+        assert len(captions) == metrics["images"] == report["eval"]["images"]
+    assert report["student"]["params"] <= MAX_STUDENT_SHARE * report["teacher"]["params"]
+    assert report["student"]["flops"] < report["teacher"]["flops"]
+    c = report["student_vs_teacher"]
+    assert c["params"] == pytest.approx(report["student"]["params"] / report["teacher"]["params"])
+    assert c["keeps_95pct_of_teacher_recall"] == (
+        report["student"]["mean_recall"] >= 0.95 * report["teacher"]["mean_recall"])
+
+
+@pytest.mark.slow
+def test_demo_files_and_exported_student(demo_out):
+    from dlip_ds.models.checkpoints import load_model
+
+    for name in ("report.md", "loss_curves.png", "quality_vs_params.png"):
+        assert (demo_out / name).stat().st_size > 0, name
+    assert (demo_out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    md = (demo_out / "report.md").read_text()
+    assert "| teacher |" in md and "| student |" in md and "| baseline |" in md
+    for m in MODELS:
+        assert list((demo_out / "runs" / m / "tensorboard").glob("events.out.tfevents.*")), m
+    student = load_model(demo_out / "student")
+    report = json.loads((demo_out / "report.json").read_text())
+    assert sum(p.numel() for p in student.parameters()) == report["student"]["params"]
+    assert (demo_out / "student" / "vocab.txt").is_file() or (demo_out / "student" / "tokenizer.json").is_file()
+
+
+def test_demo_refuses_to_mix_scales(tmp_path, capsys):
+    (tmp_path / "demo.json").write_text(json.dumps({"scale_name": "quick"}))
+    assert main(["demo", "--ci", "--out", str(tmp_path)]) == 2
+    assert "holds a 'quick' demo run" in capsys.readouterr().err
