@@ -10,7 +10,9 @@
 set -euo pipefail
 RECIPE=${1:?usage: launchers/local.sh RECIPE [dlip-ds train arguments...]}
 shift
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# The repository's .venv (`make install`) unless another environment is active.
+if [[ -z "${VIRTUAL_ENV:-}" && -f "$REPO/.venv/bin/activate" ]]; then source "$REPO/.venv/bin/activate"; fi
 
 if python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     NPROC=${NPROC:-$(python -c 'import torch; print(torch.cuda.device_count())')}

@@ -11,7 +11,9 @@
 set -euo pipefail
 RECIPE=${1:?usage: HOSTFILE=hosts launchers/multinode.sh RECIPE [dlip-ds train arguments...]}
 shift
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# The repository's .venv (`make install`) unless another environment is active.
+if [[ -z "${VIRTUAL_ENV:-}" && -f "$REPO/.venv/bin/activate" ]]; then source "$REPO/.venv/bin/activate"; fi
 HOSTFILE=${HOSTFILE:?set HOSTFILE to a hostfile (see launchers/hostfile.example)}
 DS_CONFIG=${DS_CONFIG:-zero2_bf16}
 OUT=${OUT:-runs/$(basename "$RECIPE" .yaml)}
