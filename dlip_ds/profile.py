@@ -1,6 +1,6 @@
 """`dlip-ds profile --model A [--vs B]`: parameters per module, FLOPs per task (counted by
-`torch.utils.flop_counter.FlopCounterMode`) and latency (median of repeats, same machine, same run),
-with the B/A ratios. Works for presets without weights.
+`torch.utils.flop_counter.FlopCounterMode`) and latency (median of repeats, same machine, same run,
+the models alternating), with the B/A ratios. Works for presets without weights.
 
 Tasks, per image (batch 1 by default): `itc` = vision + unimodal text encoders (retrieval features);
 `itm` = vision + multimodal fusion pass; `caption` = vision + one beam-search caption whose length is fixed
@@ -65,49 +65,67 @@ def _task_fns(model, pixels, ids, mask, caption_len: int, num_beams: int):
     return fns
 
 
+def _timed(fn, device) -> float:
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1000
+
+
 @torch.no_grad()
-def profile_model(model, *, batch_size: int = 1, text_len: int = 35, caption_len: int = 20, num_beams: int = 3,
-                  repeats: int = 3, warmup: int = 1, device: str | torch.device = "cpu") -> dict:
-    """{"params": {module: n}, "flops": {task: n}, "latency_ms": {task: median}, "config": {...}} for one model."""
+def profile_models(models: list, *, batch_size: int = 1, text_len: int = 35, caption_len: int = 20,
+                   num_beams: int = 3, repeats: int = 3, warmup: int = 1, device: str | torch.device = "cpu") -> list:
+    """`profile_model` for several models; their timed runs alternate (A, B, A, B, ...) so that load
+    from elsewhere on the machine falls on all of them alike and the ratios stay meaningful."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    if caption_len > model.cfg.text.max_positions:
-        raise ConfigError(f"caption_len={caption_len} exceeds text.max_positions={model.cfg.text.max_positions}")
-    text_len = min(text_len, model.cfg.text.max_positions)
-    model = model.to(device).eval()
-    pixels, ids, mask = _inputs(model, batch_size, text_len, device)
-    fns = _task_fns(model, pixels, ids, mask, caption_len, num_beams)
-    flops, latency = {}, {}
-    for task, fn in fns.items():
-        counter = FlopCounterMode(display=False)
-        # The math backend decomposes attention into counted matmuls; fused CPU kernels have no formula.
-        with counter, sdpa_kernel(SDPBackend.MATH):
-            fn()
-        flops[task] = int(counter.get_total_flops())
-        for _ in range(warmup):
-            fn()
-        times = []
+    results, all_fns = [], []
+    for model in models:
+        if caption_len > model.cfg.text.max_positions:
+            raise ConfigError(f"caption_len={caption_len} exceeds text.max_positions={model.cfg.text.max_positions}")
+        length = min(text_len, model.cfg.text.max_positions)
+        model = model.to(device).eval()
+        fns = _task_fns(model, *_inputs(model, batch_size, length, device), caption_len, num_beams)
+        flops = {}
+        for task, fn in fns.items():
+            counter = FlopCounterMode(display=False)
+            # The math backend decomposes attention into counted matmuls; fused CPU kernels have no formula.
+            with counter, sdpa_kernel(SDPBackend.MATH):
+                fn()
+            flops[task] = int(counter.get_total_flops())
+        c = model.cfg
+        results.append({
+            "params": param_counts(model),
+            "flops": flops,
+            "latency_ms": {},
+            "config": {"image_size": c.vision.image_size, "vision": f"{c.vision.depth}x{c.vision.width}",
+                       "text": f"{c.text.depth}x{c.text.width}", "fusion": f"{c.fusion.mode}:{c.fusion.layers}",
+                       "batch_size": batch_size, "text_len": length, "caption_len": caption_len,
+                       "num_beams": num_beams, "repeats": repeats, "device": str(device),
+                       "threads": torch.get_num_threads()},
+        })
+        all_fns.append(fns)
+    for task in TASKS:
+        runs = [(fns[task], r["latency_ms"]) for fns, r in zip(all_fns, results) if task in fns]
+        for fn, _ in runs:
+            for _ in range(warmup):
+                fn()
+        times: list[list[float]] = [[] for _ in runs]
         for _ in range(repeats):
-            if torch.cuda.is_available() and str(device).startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available() and str(device).startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1000)
-        latency[task] = statistics.median(times)
-    c = model.cfg
-    return {
-        "params": param_counts(model),
-        "flops": flops,
-        "latency_ms": latency,
-        "config": {"image_size": c.vision.image_size, "vision": f"{c.vision.depth}x{c.vision.width}",
-                   "text": f"{c.text.depth}x{c.text.width}", "fusion": f"{c.fusion.mode}:{c.fusion.layers}",
-                   "batch_size": batch_size, "text_len": text_len, "caption_len": caption_len,
-                   "num_beams": num_beams, "repeats": repeats, "device": str(device),
-                   "threads": torch.get_num_threads()},
-    }
+            for i, (fn, _) in enumerate(runs):
+                times[i].append(_timed(fn, device))
+        for (_, latency), ts in zip(runs, times):
+            latency[task] = statistics.median(ts)
+    return results
+
+
+def profile_model(model, **kwargs) -> dict:
+    """{"params": {module: n}, "flops": {task: n}, "latency_ms": {task: median ms}, "config": {...}}.
+    Keywords: batch_size=1, text_len=35, caption_len=20, num_beams=3, repeats=3, warmup=1, device="cpu"."""
+    return profile_models([model], **kwargs)[0]
 
 
 def ratios(a: dict, b: dict) -> dict:
@@ -154,10 +172,13 @@ def run(args: argparse.Namespace) -> int:
     over = {"vision": {"image_size": args.image_size}} if args.image_size else {}
     kw = {"batch_size": args.batch_size, "text_len": args.text_len, "caption_len": args.caption_len,
               "num_beams": args.num_beams, "repeats": args.repeats, "device": args.device}
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     torch.manual_seed(0)
-    result = {"a": {"source": args.model, **profile_model(load_model(args.model, **over), **kw)}}
+    sources = [args.model] + ([args.vs] if args.vs else [])
+    profiles = profile_models([load_model(src, **over) for src in sources], **kw)
+    result = {key: {"source": src, **prof} for key, src, prof in zip("ab", sources, profiles)}
     if args.vs:
-        result["b"] = {"source": args.vs, **profile_model(load_model(args.vs, **over), **kw)}
         result["ratios_b_over_a"] = ratios(result["a"], result["b"])
     if args.json:
         print(json.dumps(result, indent=2))

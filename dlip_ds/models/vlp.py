@@ -385,10 +385,10 @@ def _penalise(scores: torch.Tensor, seqs: torch.Tensor, penalty: float, sep: int
 
 
 def _reorder(caches, index: torch.Tensor) -> None:
+    """Follow the surviving beams. Cross-attention keys/values stay: every beam of an image holds the same."""
     for c in caches:
-        for kind in ("self", "cross"):
-            for key in list(c[kind]):
-                c[kind][key] = c[kind][key].index_select(0, index)
+        for key in list(c["self"]):
+            c["self"][key] = c["self"][key].index_select(0, index)
 
 
 def _greedy(model: VLPModel, image_embeds, start, _beams, max_length, min_length, penalty, sep):
