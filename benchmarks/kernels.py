@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -115,8 +116,8 @@ def peak_memory_isolated(spec: dict, device: str) -> float:
     """CPU: in a fresh process. Its ru_maxrss starts at the parent's RSS (kept across fork and exec)."""
     if device == "cuda":
         return peak_memory(spec, device)
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=True, capture_output=True,
-                         text=True)
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -175,6 +176,7 @@ def machine(device: str) -> dict:
     except (OSError, StopIteration):
         pass
     info["cpu"] = cpu
+    info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other processes sharing the machine
     return info
 
 
@@ -195,7 +197,7 @@ def markdown(results: list[dict], info: dict) -> str:
         f"### Kernel benchmarks ({info['device']}: {where}, {info['date']})",
         "",
         f"torch {info['torch']}" + (f", triton {info['triton']}" if "triton" in info else "")
-        + f", {info['threads']} threads. Forward+backward; time is the median over interleaved rounds "
+        + f", threads: {info['threads']}, load average {info['load_avg_1m']} at the end. Forward+backward; time is the median over interleaved rounds "
         "(min in the JSON); memory is the peak extra over the inputs "
         + ("(torch.cuda.max_memory_allocated)." if info["device"] == "cuda" else "(peak RSS growth, fresh process)."),
         "",
@@ -220,10 +222,14 @@ def markdown(results: list[dict], info: dict) -> str:
         name = f"{op} ({FUSED[op]} vs torch)"
         lines.append(f"| {name} | {shape} | {dtype} | {ms(f)} | {ms(ref)} | {speed} | "
                      f"{cell(f, 'peak_extra_mib')} | {cell(ref, 'peak_extra_mib')} | {mem} |")
+    lines += ["", ("Fused = Triton for attention (extra memory O(B x heads x N)), chunks of 1024 tokens for LM KD, "
+              "one baddbmm over stacked layer pairs for representation KD. Reference = `backend=\"torch\"` "
+              "(materialised attention maps / whole logits / one linear per pair).")]
     if info["device"] != "cuda":
-        note = ("On CPU the attention kernels run only as the PyTorch reference (the Triton path needs CUDA; the "
-                "interpreter is a correctness tool, not a timing one), so attention rows show the reference alone.")
-        lines += ["", note]
+        lines += ["", ("On CPU the attention kernels run only as the PyTorch reference (the Triton path needs CUDA; "
+                  "the interpreter is a correctness tool, not a timing one), so attention rows show the reference "
+                  "alone. Real sizes on a GPU: `python benchmarks/kernels.py --device cuda` "
+                  "(writes benchmarks/results/kernels_cuda.json and this table).")]
     return "\n".join(lines) + "\n"
 
 
@@ -235,11 +241,21 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     p.add_argument("--md", type=Path, default=ROOT / "kernels.md", help="Markdown table path")
+    p.add_argument("--table-only", action="store_true", help="rewrite --md from the JSON of --out, measuring nothing")
+    p.add_argument("--threads", type=int, help="CPU threads (default 1 on --device cpu: on a shared machine "
+                   "OpenMP threads spin-wait on busy cores and small ops slow down by 100x)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     sys.path.insert(0, str(ROOT.parent))
     if args.child:
         print(peak_memory(json.loads(args.child), "cpu"))
+        return 0
+    out = args.out or ROOT / "results" / f"kernels_{args.device}.json"
+    if args.table_only:
+        saved = json.loads(out.read_text())
+        args.md.write_text(markdown(saved["results"], saved["machine"]))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
@@ -258,7 +274,6 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(groups)}] {r['op']:9s} {r['backend']:7s} {shape_of(r):32s} {r['dtype']}: "
                   f"{r['ms']:9.2f} ms (min {r['ms_min']:.2f})  {r['peak_extra_mib']:9.1f} MiB", flush=True)
     info = machine(args.device)
-    out = args.out or ROOT / "results" / f"kernels_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
     args.md.write_text(markdown(results, info))

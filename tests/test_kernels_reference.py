@@ -216,3 +216,19 @@ def test_repr_kd_matches_naive(backend, use_mask, bias, same_shapes):
     params = h_s + ws + [b for b in bs if b is not None]
     for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(a, b)
+
+
+def test_repr_kd_gradcheck_and_errors():
+    g = torch.Generator().manual_seed(9)
+    h_s = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    h_t = [torch.randn(2, 3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws = [torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    bs = [torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    mask = torch.tensor([[False, True, False], [False, False, True]])
+    for backend in ("fused", "torch"):
+        fn = lambda *p: repr_kd_loss(list(p[:2]), h_t, list(p[2:4]), list(p[4:]), mask=mask, backend=backend)  # noqa: B023
+        assert torch.autograd.gradcheck(fn, (*h_s, *ws, *bs))
+    with pytest.raises(ValueError, match="pair 1"):
+        repr_kd_loss(h_s, h_t, [ws[0], ws[1].t()], bs)
+    with pytest.raises(ValueError, match="as many"):
+        repr_kd_loss(h_s, h_t[:1], ws, bs)
