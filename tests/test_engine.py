@@ -228,3 +228,18 @@ def test_rank_environment(monkeypatch, launcher):
                        "MASTER_PORT": str(20000 + 1234)}
     else:
         assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
+
+
+# --------------------------------------------------------------------------- shipped recipes
+
+
+@pytest.mark.parametrize("name", ["tiny-pretrain", "tiny-distill", "blip-distill-dlip-small", "blip-distill-dlip-base",
+                                  "blip-pretrain-dlip-small"])
+def test_engine_recipes_load_and_fit_every_ds_config(name):
+    recipe = load_recipe(name)
+    assert bool(recipe.teacher.source) == ("distill" in name) == bool(recipe.loss.kd)
+    for ds in shipped_ds_configs():
+        if ds.endswith("fp16") and not torch.cuda.is_available():
+            continue
+        cfg = resolve_ds_config(ds, recipe, world_size=8)
+        assert cfg["train_batch_size"] == recipe.data.batch_size * recipe.train.grad_accum * 8

@@ -139,6 +139,18 @@ def _momentum_update(student, zero3: bool) -> None:
         student.momentum_update()
 
 
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its whole config and every overflow at INFO; the console line and TensorBoard
+    report what matters. torch warns on every ZeRO reduce about a call DeepSpeed makes."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+
+
 def _loss_scale(engine) -> float:
     opt = engine.optimizer
     scale = getattr(opt, "cur_scale", None)
@@ -230,6 +242,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
     """Run (or resume) one training job; every rank calls this. Returns the process exit code."""
     from dlip_ds.data import load_eval_set, make_train_loader, tokenizer_from_config
 
+    _quiet_deepspeed()
     env = init_distributed()
     run_dir = Path(run_dir)
     cfg = recipe.train
