@@ -232,3 +232,31 @@ def test_repr_kd_gradcheck_and_errors():
         repr_kd_loss(h_s, h_t, [ws[0], ws[1].t()], bs)
     with pytest.raises(ValueError, match="as many"):
         repr_kd_loss(h_s, h_t[:1], ws, bs)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of the largest tensor any op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.nbytes = max(self.nbytes, t.numel() * t.element_size())
+        return out
+
+
+def test_linear_kd_chunked_never_holds_whole_logits():
+    h_s, w_s, b_s, h_t, w_t, b_t, _ = linear_case(10, dtype=torch.float32, vocab=997)
+    tokens, vocab = h_s.shape[0] * h_s.shape[1], w_s.shape[0]
+    largest = {}
+    for backend in ("chunked", "torch"):
+        with LargestTensor() as mode:
+            loss = linear_kd_loss(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, chunk_size=4, backend=backend)
+            torch.autograd.grad(loss, (h_s, w_s, b_s))
+        largest[backend] = mode.nbytes
+    assert largest["torch"] >= tokens * vocab * 4  # the reference does hold them: the probe can see it
+    assert largest["chunked"] <= max(4 * vocab * 4, w_t.numel() * 4)  # a chunk's logits, or a weight
