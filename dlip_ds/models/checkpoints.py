@@ -143,6 +143,8 @@ def load_model(source: str | Path, **overrides) -> VLPModel:
     med_config = overrides.pop("med_config", None)
     src = str(source)
     path = Path(src).expanduser()
+    if med_config is not None and not (path.is_file() and path.suffix in (".pth", ".pt", ".bin")):
+        raise ConfigError(f"med_config is for Salesforce BLIP .pth files, not for {src}")
     if src in PRESETS:
         model = VLPModel(model_config_from_dict(deep_merge(preset_dict(src), overrides), f"preset '{src}'"))
     elif path.is_dir() and (path / CONFIG_NAME).is_file():
