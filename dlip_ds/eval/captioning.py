@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dlip_ds.eval.retrieval import dist_info, model_device
+
 log = logging.getLogger(__name__)
 
 
@@ -86,11 +88,10 @@ def generate_captions(model, eval_set, tokenizer, *, settings: CaptionSettings |
                       progress: bool = True) -> list[dict]:
     """One caption per image, `[{"image_id", "caption"}]` in image order, gathered from every rank."""
     from dlip_ds.data import eval_transform
-    from dlip_ds.eval.retrieval import _dist_info, _model_device
 
     settings = settings or CaptionSettings()
-    rank, world_size = _dist_info(rank, world_size)
-    device = device or _model_device(model)
+    rank, world_size = dist_info(rank, world_size)
+    device = device or model_device(model)
     transform = eval_transform(model.cfg.vision)
     n_batches = -(-len(eval_set.image_ids) // batch_size)
     was_training = model.training

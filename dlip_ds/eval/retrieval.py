@@ -69,7 +69,8 @@ def recall_at_k(
     return out
 
 
-def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): the given ones, else torch.distributed's, else (0, 1)."""
     if rank is not None and world_size is not None:
         return rank, world_size
     if dist.is_available() and dist.is_initialized():
@@ -77,7 +78,7 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return 0, 1
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -90,7 +91,7 @@ def encode_eval_set(model, eval_set, tokenizer, *, batch_size: int = 64, max_len
     """
     from dlip_ds.data import eval_transform
 
-    device = device or _model_device(model)
+    device = device or model_device(model)
     transform = eval_transform(model.cfg.vision)
     image_feat, image_embeds = [], []
     n_batches = -(-len(eval_set.image_ids) // batch_size)
@@ -160,7 +161,7 @@ def retrieval_scores(model, eval_set, tokenizer, *, k: int = 256, itc_only: bool
                      device: torch.device | None = None, rank: int | None = None, world_size: int | None = None,
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores_i2t [Ni, Nt], scores_t2i [Nt, Ni]) on the CPU; every rank returns the full matrices."""
-    rank, world_size = _dist_info(rank, world_size)
+    rank, world_size = dist_info(rank, world_size)
     progress = progress and rank == 0
     was_training = model.training
     model.eval()
