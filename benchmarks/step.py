@@ -145,7 +145,7 @@ def summarise(steps: list[dict], batch: int) -> dict:
         "step_ms_min": 1e3 * min(s["step"] for s in steps),
         "samples_per_s": batch / med,
         "tokens_per_s": statistics.median(s["tokens"] for s in steps) / med,
-        "split_ms": {k: 1e3 * statistics.mean(s[k] for s in steps) for k in ("data", "teacher", "student", "optimizer")},
+        "split_ms": {k: 1e3 * statistics.median(s[k] for s in steps) for k in ("data", "teacher", "student", "optimizer")},
         "steps": len(steps),
     }
 
@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
         f"`{size['student']}` ({report['params']['student'] / 1e6:.1f}M, bf16, ZeRO-2), {size['image_size']} px, "
         f"batch {size['batch']}, vocabulary {report['vocab']}, one device; torch {report['torch']}, deepspeed "
         f"{report['deepspeed']}, {report['threads']} CPU threads. Median of {report['results']['fused_on']['steps']} "
-        "steps per setting, settings interleaved; split = mean ms per step. "
+        "steps per setting, settings interleaved; split = median ms per step of each part. "
         f"Model FLOPs per step: {report['flops_per_step'] / 1e9:.1f} GFLOP (torch flop counter)."),
         "",
         "| KD kernels | step ms | samples/s | tokens/s | data ms | teacher ms | student fwd+bwd ms | optimizer ms | MFU |",
@@ -172,7 +172,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {label} | {r['step_ms_median']:.1f} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{s['data']:.1f} | {s['teacher']:.1f} | {s['student']:.1f} | {s['optimizer']:.1f} | {mfu} |")
     if report["device"] == "cpu":
-        lines += ["", ("CPU numbers are tiny-size and only show the harness works: MFU needs a GPU peak, and on CPU "
+        lines += ["", ("CPU numbers are tiny-size, bf16 on a CPU without bf16 matrix units, on a machine shared with "
+                       "other jobs: they show the harness works, not speed. MFU needs a GPU peak, and on CPU "
                   "\"fused on\" differs from \"off\" only in the chunked LM-logit KD (Triton kernels are CUDA-only). "
                   "The real-size run: `python benchmarks/step.py --device cuda`.")]
     return "\n".join(lines) + "\n"

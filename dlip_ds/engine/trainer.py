@@ -295,7 +295,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
     batches = new_loader()
     global_batch = ds_cfg["train_batch_size"]
     window = Window()
-    bad_in_a_row = 0  # consecutive non-finite events
+    bad_in_a_row = 0  # non-finite losses and skipped updates since the last applied update
     stop_reason = None
     exit_code = 0
     last_saved = state.step if found else -1
@@ -303,7 +303,6 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
     # ---- the loop
     while state.step < cfg.max_steps:
         times = StepTimes()
-        nonfinite_step = False
         for _ in range(cfg.grad_accum):
             while True:  # until a micro-batch with a finite loss has been back-propagated
                 t0 = time.perf_counter()
@@ -319,7 +318,6 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
                     # Dropped on every rank alike, before backward: nothing was accumulated from it.
                     state.skipped_steps += 1
                     bad_in_a_row += 1
-                    nonfinite_step = True
                     monitor.print(f"step {state.step}: non-finite loss, micro-batch skipped "
                                   f"({bad_in_a_row} non-finite in a row)")
                     if bad_in_a_row > cfg.max_nonfinite:
@@ -350,7 +348,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
             state.step += 1
             state.samples += global_batch
             if engine.was_step_applied():
-                bad_in_a_row = 0 if not nonfinite_step else bad_in_a_row
+                bad_in_a_row = 0
                 if student.cfg.momentum:
                     _momentum_update(student, stage == 3)
             else:  # DeepSpeed found inf/nan gradients (normal while an fp16 loss scale settles)
