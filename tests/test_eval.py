@@ -331,3 +331,30 @@ def test_evaluate_cli_errors_are_clear(tiny, tmp_path, capsys):
     assert rc == 2 and "no tokenizer found" in capsys.readouterr().err
     rc = main(["evaluate", str(tmp_path / "nowhere"), "--data", str(data_dir)])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
+
+
+def test_evaluate_cli_karpathy_json_itc_only(tiny, tmp_path, capsys):
+    """A Karpathy-style annotation JSON with an image root, ITC-only retrieval, one task."""
+    import json
+
+    from dlip_ds.cli import main
+    from dlip_ds.eval.retrieval import evaluate_retrieval
+
+    model, es, tok, model_dir, _ = tiny
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i, img in enumerate(es.images()):
+        img.save(images / f"{i}.png")
+        entries.append({"image": f"{i}.png", "caption": [es.captions[t] for t in es.img2txt[i]], "image_id": i})
+    ann = tmp_path / "ann" / "test.json"
+    ann.parent.mkdir()
+    ann.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    rc = main(["evaluate", str(model_dir), "--data", str(ann), "--images", str(images), "--task", "retrieval",
+               "--itc-only", "--out", str(out)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "captioning" not in metrics and not (out / "captions.json").exists() and metrics["k"] is None
+    expected = evaluate_retrieval(model, es, tok, itc_only=True, progress=False)
+    assert metrics["retrieval"] == pytest.approx(expected)
