@@ -117,6 +117,7 @@ def train_run(name: str, out: Path, data: Path, scale: Scale, teacher: Path | No
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log_file.write(line)
+            log_file.flush()
             if line.startswith(("step ", "starting", "resuming", "done", "stopp")):
                 print(f"  {name}: {line.rstrip()}", flush=True)
         rc = proc.wait()
