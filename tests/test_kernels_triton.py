@@ -3,6 +3,7 @@ CPU (tests/conftest.py sets TRITON_INTERPRET=1): forward and gradients, fp32 max
 
 import pytest
 import torch
+from test_kernels_reference import LargestTensor, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from dlip_ds.kernels import attention_kd_loss
 from dlip_ds.kernels.attention_kd import prepare_inputs
@@ -134,8 +135,6 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 
 def test_triton_never_holds_attention_maps():
-    from test_kernels_reference import LargestTensor  # pytest puts tests/ on sys.path
-
     q_s, k_s, q_t, k_t, kpm, _ = make_case(2, 40, 36, (2, 8), (2, 8), True, False, seed=11)
     largest = {}
     for backend in ("triton", "torch"):
