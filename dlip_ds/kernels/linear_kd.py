@@ -101,6 +101,8 @@ def linear_kd_loss(
     if resolve_backend("linear_kd_loss", backend, h_s.device, BACKENDS, cpu_auto="chunked") == "torch":
         return linear_kd_reference(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, mask=mask, temperature=temperature)
     keep = None if mask is None else ~mask.reshape(-1)
+    if not torch.is_grad_enabled():  # evaluation: skip the gradients the forward would accumulate
+        h_s, w_s, b_s = h_s.detach(), w_s.detach(), None if b_s is None else b_s.detach()
     return _ChunkedLinearKD.apply(
         h_s.reshape(-1, h_s.shape[-1]), w_s, b_s,
         h_t.detach().reshape(-1, h_t.shape[-1]), w_t.detach(), None if b_t is None else b_t.detach(),
