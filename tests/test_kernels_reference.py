@@ -273,3 +273,16 @@ def test_linear_kd_chunked_never_holds_whole_logits():
         largest[backend] = mode.nbytes
     assert largest["torch"] >= tokens * vocab * 4  # the reference does hold them: the probe can see it
     assert largest["chunked"] <= max(4 * vocab * 4, w_t.numel() * 4)  # a chunk's logits, or a weight
+
+
+def test_backend_dispatch():
+    from dlip_ds.kernels.dispatch import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("op", "auto", cuda, ("triton", "torch")) == "triton"  # triton is a dev dependency
+    assert resolve_backend("op", "auto", cpu, ("triton", "torch")) == "torch"
+    assert resolve_backend("op", "auto", cpu, ("chunked", "torch"), cpu_auto="chunked") == "chunked"
+    assert resolve_backend("op", "torch", cuda, ("triton", "torch")) == "torch"
+    assert resolve_backend("op", "triton", cpu, ("triton", "torch")) == "triton"  # conftest: TRITON_INTERPRET=1
+    with pytest.raises(ValueError, match="linear_kd_loss: backend"):
+        linear_kd_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 3), torch.randn(5, 3), backend="triton")
