@@ -20,6 +20,7 @@ import argparse
 import datetime
 import io
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -100,7 +101,7 @@ def machine() -> dict:
         model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
     except (OSError, subprocess.CalledProcessError):
         model = platform.processor()
-    return {"cpu": model or platform.processor(), "cores": len(__import__("os").sched_getaffinity(0)),
+    return {"cpu": model or platform.processor(), "cores": len(os.sched_getaffinity(0)),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "webdataset": wds.__version__,
             "python": platform.python_version()}
 
@@ -124,7 +125,9 @@ def markdown(results: list[dict], info: dict) -> str:
         lines.append(f"| {r['pipeline']} | {'on' if r['randaugment'] else 'off'} | {r['workers']} | "
                      f"{r['samples_per_s']:.0f} | {r['per_worker']:.0f} | {ratio:.2f}x |")
     lines += ["", ("`dlip_ds` also tokenises three text views per sample and counts skipped samples; the "
-              "baseline does neither. The CPU was shared with other jobs; `runs` in the JSON shows the spread."), ""]
+              "baseline does neither. The CPU was shared with other jobs (1-minute load average "
+              f"{info['load_average'][0]} before, {info['load_average'][1]} after, on {info['cores']} cores), so "
+              "the ratios are rough; `runs` in results/loader.json shows the spread."), ""]
     return "\n".join(lines)
 
 
@@ -144,6 +147,7 @@ def main(argv=None) -> int:
                for name, build, randaug in (("baseline", baseline, False), ("dlip_ds", ours, False),
                                             ("dlip_ds", ours, True))]
     runs: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         urls, vocab = make_data(Path(tmp), args.images)
         for rep in range(args.repeats):  # interleaved, so a burst of load on the shared CPU hits every config
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
         results.append({"pipeline": name, "randaugment": randaug, "workers": workers, "samples_per_s": round(sps, 1),
                         "per_worker": round(sps / max(1, workers), 1), "runs": [round(r, 1) for r in runs[i]]})
     info = {**machine(), "images": args.images, "shards": len(urls), "batches": args.batches, "warmup": args.warmup,
-            "repeats": args.repeats}
+            "repeats": args.repeats, "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
     args.md.write_text(markdown(results, info))
