@@ -112,10 +112,3 @@ def expand_shards(spec: str | os.PathLike) -> list[str]:
         raise ConfigError(f"shards: {len(missing)} of {len(urls)} local shards do not exist, e.g. {missing[0]}")
     return urls
 
-
-def count_samples(spec: str | os.PathLike) -> int | None:
-    """Samples in a directory of shards, from its manifest (None when unknown)."""
-    if not is_remote(str(spec)) and Path(spec).is_dir():
-        manifest = read_manifest(spec)
-        return manifest["samples"] if manifest else None
-    return None

@@ -26,8 +26,6 @@ from PIL import Image, ImageDraw
 
 from dlip_ds.data.shards import ShardSink
 
-log = logging.getLogger(__name__)
-
 COLOURS = {
     "red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215), "yellow": (240, 205, 30),
     "purple": (135, 50, 175), "orange": (245, 130, 20), "white": (248, 248, 248), "black": (18, 18, 18),
