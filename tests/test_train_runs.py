@@ -270,23 +270,40 @@ def test_kill9_resume_follows_uninterrupted_run_and_tensorboard(assets, tmp_path
     assert "config/text_summary" in acc.Tags()["tensors"]
 
 
-def test_sigusr1_checkpoints_and_exits_cleanly_then_resumes(assets, tmp_path):
+def _torchrun(cmd: list[str], ranks: int = 2) -> list[str]:
+    """`python -m dlip_ds.train ...` as `torchrun --nproc_per_node ranks -m dlip_ds.train ...`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *cmd[1:]]
+
+
+def test_sigusr1_to_one_rank_checkpoints_all_and_exits_cleanly_then_resumes(assets, tmp_path):
+    """Two ranks, ZeRO-3: SIGUSR1 reaches rank 1 only; both ranks agree to stop at the same step, write
+    one sharded checkpoint, exit 0; `--resume auto` continues and exports the consolidated student."""
+    import psutil
+
     run_dir = tmp_path / "run"
-    extra = ("train.ckpt_every=100", "train.max_steps=40")
-    proc = subprocess.Popen(_train_cmd(assets, run_dir, extra=extra), env=ENV, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    extra = ("train.ckpt_every=100", "train.max_steps=40", "data.batch_size=2")
+    proc = subprocess.Popen(_torchrun(_train_cmd(assets, run_dir, "--deepspeed", "zero3_bf16", extra=extra)), env=ENV,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(lambda: any((run_dir / "tensorboard").glob("events.*")) and "loss/total" in _scalars(run_dir), proc)
-    proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "dlip_ds.train" in " ".join(p.cmdline())]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     step = int(tag.split("_")[1])
-    assert 1 <= step < 40 and (run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt").is_file()
-    assert "SIGUSR1" in (run_dir / "interrupted").read_text()
-    assert f"stopped at step {step} (SIGUSR1)" in out
+    assert 1 <= step < 40
+    for rank in (0, 1):
+        assert (run_dir / "checkpoints" / tag / f"rng_rank{rank}.pt").is_file()
+        assert (run_dir / "checkpoints" / tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
+    assert "SIGUSR1" in (run_dir / "interrupted").read_text() or "another rank" in (run_dir / "interrupted").read_text()
+    assert f"stopped at step {step}" in out
     assert not (run_dir / "student").exists()
-    proc = _run(_train_cmd(assets, run_dir, "--resume", "auto", "--max-steps", str(step + 2), extra=extra))
+    cmd = _train_cmd(assets, run_dir, "--deepspeed", "zero3_bf16", "--resume", "auto", "--max-steps", str(step + 2),
+                     extra=extra)
+    proc = _run(_torchrun(cmd))
     assert f"resuming at step {step}" in proc.stdout
+    assert max(_scalars(run_dir)["loss/total"]) == step + 2
     assert (run_dir / "student" / "model.safetensors").is_file() and not (run_dir / "interrupted").exists()
 
 
