@@ -50,10 +50,10 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train_pairs=10000, test_pairs=500, teacher_steps=1500, student_steps=1500, batch_size=32,
-                  warmup_steps=100, log_every=25, eval_k=64, profile_repeats=5),
-    "quick": Scale(train_pairs=3000, test_pairs=200, teacher_steps=300, student_steps=200, batch_size=32,
-                   warmup_steps=30, log_every=10, eval_k=32, profile_repeats=3),
+    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
+                  warmup_steps=100, log_every=25, eval_k=16, profile_repeats=5),
+    "quick": Scale(train_pairs=3000, test_pairs=200, teacher_steps=200, student_steps=200, batch_size=32,
+                   warmup_steps=20, log_every=10, eval_k=16, profile_repeats=3),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,
                 warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8),
