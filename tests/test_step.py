@@ -34,10 +34,14 @@ def make_batch(seed: int = 0) -> dict:
     ids[att == 0] = 0
     itm_ids, lm_ids = ids.clone(), ids.clone()
     itm_ids[:, 0], lm_ids[:, 0] = 4, 1  # [ENC], [DEC]
-    labels = lm_ids.masked_fill(att == 0, -100)
+    # a prompt makes decoder rows longer than ITC rows: row 1 gets two more real tokens
+    lm_att = att.clone()
+    lm_att[1, 4:6] = 1
+    lm_ids[1, 4:6] = torch.randint(3, 128, (2,), generator=g)
+    labels = lm_ids.masked_fill(lm_att == 0, -100)
     labels[:, :2] = -100  # [DEC] and a one-token prompt
     return {"pixel_values": torch.randn(B, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": att,
-            "itm_input_ids": itm_ids, "lm_input_ids": lm_ids, "lm_labels": labels,
+            "itm_input_ids": itm_ids, "lm_input_ids": lm_ids, "lm_attention_mask": lm_att, "lm_labels": labels,
             "image_ids": torch.tensor([0, 1, 1, 2])}
 
 
@@ -82,7 +86,7 @@ def test_pretraining_terms_match_naive():
         itm_logits = student.itm_logits(batch["pixel_values"][ii], batch["itm_input_ids"][ti],
                                         batch["attention_mask"][ti])
         itm = naive_ce_rows(itm_logits, F.one_hot(pairs.itm_labels, 2).double())
-        lm_logits = student.lm_logits(batch["pixel_values"], batch["lm_input_ids"], batch["attention_mask"])
+        lm_logits = student.lm_logits(batch["pixel_values"], batch["lm_input_ids"], batch["lm_attention_mask"])
         lm = naive_lm(lm_logits, batch["lm_labels"], 0.1)
     assert abs(out.terms["raw/itc"].item() - itc) < 1e-5
     assert abs(out.terms["raw/itm"].item() - itm) < 1e-5
@@ -149,13 +153,13 @@ def test_distill_terms_match_naive_from_taps(distill_run):
             img = model.encode_image(px, req.get("vision"))
             txt = model.encode_text(ids, att, req.get("text"))
             fus = model.fuse(img.embeds[ii], batch["itm_input_ids"][ti], att[ti], req.get("fusion"))
-            dec = model.decode(img.embeds, batch["lm_input_ids"], att, req.get("decoder"))
+            dec = model.decode(img.embeds, batch["lm_input_ids"], batch["lm_attention_mask"], req.get("decoder"))
             taps[who] = {"vision": img.taps, "text": txt.taps, "fusion": fus.taps, "decoder": dec.taps}
             temp = model.temperature()
             itc[who] = (img.feat @ txt.feat.T / temp, txt.feat @ img.feat.T / temp)
             itm[who] = fus.itm_logits
             lm[who] = model.lm_logits_from_hidden(dec.hidden)
-    masks = {"vision": None, "text": pad, "fusion": pad[ti], "decoder": pad}
+    masks = {"vision": None, "text": pad, "fusion": pad[ti], "decoder": batch["lm_attention_mask"] == 0}
     for r in plan.terms:
         term, got = r.term, out.terms[f"raw/{r.name}"].item()
         if term.kind == "repr":

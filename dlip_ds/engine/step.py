@@ -176,15 +176,17 @@ class StepModule(nn.Module):
         if self._needs("decoder", cfg.lm, "lm"):
             lm_ids = _require(batch, "lm_input_ids", "decoder text, [DEC] first")
             labels = _require(batch, "lm_labels", "LM targets")
+            # the prompt makes decoder rows longer than the ITC caption: they carry their own mask
+            lm_att = batch.get("lm_attention_mask", att)
             distil_lm = plan is not None and plan.needs("lm")
             if plan is not None and (plan.needs("decoder") or distil_lm):
                 with torch.no_grad():
-                    t_dec = teacher.decode(t_img.embeds, lm_ids, att, t_req.get("decoder"))
+                    t_dec = teacher.decode(t_img.embeds, lm_ids, lm_att, t_req.get("decoder"))
                     t_lm = (teacher.lm_features(t_dec.hidden), *teacher.lm_projection()) if distil_lm else None
                 t_out.update(decoder=t_dec.taps, lm=t_lm)
-            s_dec = student.decode(s_img.embeds, lm_ids, att, s_req.get("decoder"))
+            s_dec = student.decode(s_img.embeds, lm_ids, lm_att, s_req.get("decoder"))
             s_out["decoder"] = s_dec.taps
-            masks["decoder"] = pad
+            masks["decoder"] = lm_att == 0
             # position j predicts label j + 1; the last position predicts nothing
             masks["lm"] = F.pad(labels[:, 1:] == IGNORE_INDEX, (0, 1), value=True)
             if cfg.lm > 0 or distil_lm:
