@@ -110,8 +110,8 @@ class LayerTaps:
     out: dict = field(default_factory=lambda: {"hidden": {}, "self_qk": {}, "cross_qk": {}})
 
 
-def run_layers(layers, x, self_mask=None, context=None, context_mask=None, *, self_attns=None,
-               caches=None, taps: LayerTaps | None = None) -> torch.Tensor:
+def run_layers(layers, x, self_mask=None, context=None, *, self_attns=None, caches=None,
+               taps: LayerTaps | None = None) -> torch.Tensor:
     """Run BERT layers in order. `context` None = unimodal (cross-attention skipped).
 
     self_attns: per-layer replacement self-attention modules (a decoder that shares everything else);
@@ -120,13 +120,12 @@ def run_layers(layers, x, self_mask=None, context=None, context_mask=None, *, se
     taps = taps or LayerTaps()
     for i, layer in enumerate(layers):
         attn = self_attns[i] if self_attns is not None else layer.self_attn
-        cache = caches[i] if caches is not None else None
-        x, qk = attn(x, mask=self_mask, cache=cache and cache["self"], return_qk=i in taps.self_qk)
+        self_cache, cross_cache = (caches[i]["self"], caches[i]["cross"]) if caches is not None else (None, None)
+        x, qk = attn(x, mask=self_mask, cache=self_cache, return_qk=i in taps.self_qk)
         if qk is not None:
             taps.out["self_qk"][i] = qk
         if context is not None and layer.has_cross:
-            x, qk = layer.cross_attn(x, context, mask=context_mask, cache=cache and cache["cross"],
-                                     return_qk=i in taps.cross_qk)
+            x, qk = layer.cross_attn(x, context, cache=cross_cache, return_qk=i in taps.cross_qk)
             if qk is not None:
                 taps.out["cross_qk"][i] = qk
         elif i in taps.cross_qk:

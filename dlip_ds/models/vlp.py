@@ -345,9 +345,12 @@ class VLPModel(nn.Module):
             raise ValueError(f"generate: max_length={max_length} leaves no room after [DEC] and the prompt")
         image_embeds = self.encode_image(pixel_values).embeds
         start = torch.tensor([[bos] + prompt_ids], device=image_embeds.device).expand(image_embeds.shape[0], -1)
-        search = _greedy if num_beams == 1 else _beam_search
-        seqs = search(self, image_embeds, start, max(num_beams, 1), max_length, min_length,
-                      repetition_penalty, sep)
+        if num_beams < 1:
+            raise ValueError(f"generate: num_beams must be >= 1, got {num_beams}")
+        if num_beams == 1:
+            seqs = _greedy(self, image_embeds, start, max_length, min_length, repetition_penalty, sep)
+        else:
+            seqs = _beam_search(self, image_embeds, start, num_beams, max_length, min_length, repetition_penalty, sep)
         n = start.shape[1]
         ids = [_until(s[n:], sep) for s in seqs.tolist()]
         if tokenizer is None:
@@ -391,7 +394,7 @@ def _reorder(caches, index: torch.Tensor) -> None:
             c["self"][key] = c["self"][key].index_select(0, index)
 
 
-def _greedy(model: VLPModel, image_embeds, start, _beams, max_length, min_length, penalty, sep):
+def _greedy(model: VLPModel, image_embeds, start, max_length, min_length, penalty, sep):
     seqs, caches, past = start, model._new_caches(), 0
     done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
     pad = model.cfg.text.pad_token_id
