@@ -314,3 +314,12 @@ def test_preset_sizes():
     assert count("demo-student") <= count("demo-teacher") / 4
     with pytest.raises(ConfigError, match="did you mean 'blip-base'"):
         preset_dict("blip-bse")
+
+
+def test_import_is_light_and_names_are_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, dlip_ds; assert 'torch' not in sys.modules, 'import dlip_ds pulled torch in'; "
+            "from dlip_ds import VLPModel, load_model; assert VLPModel.__name__ == 'VLPModel'")
+    subprocess.run([sys.executable, "-c", code], check=True)
