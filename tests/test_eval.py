@@ -302,6 +302,7 @@ def test_evaluate_cli_writes_metrics_captions_and_tensorboard(tiny, tmp_path, mo
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == len(es.image_ids) and metrics["texts"] == len(es.captions)
+    assert "java not found" in metrics["notes"][0] and "meteor" not in metrics["captioning"]
     assert set(metrics["retrieval"]) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
     assert metrics["retrieval"]["r_mean"] == pytest.approx(
         __import__("dlip_ds.eval.retrieval", fromlist=["x"]).evaluate_retrieval(model, es, tok, k=4,

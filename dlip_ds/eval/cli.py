@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dlip_ds.config import ConfigError
-from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning
+from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning, java_available
 from dlip_ds.eval.retrieval import evaluate_retrieval
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ def evaluate(model, eval_set, tokenizer, *, tasks=TASKS, k: int = 256, itc_only:
     `dlip-ds evaluate` and of the demo."""
     metrics: dict = {}
     generated = None
+    if not itc_only and not model.cfg.fusion.layers:
+        log.warning("the model has no fusion layers: retrieval ranks by ITC alone (no ITM re-ranking)")
+        itc_only = True
     if "retrieval" in tasks:
         metrics["retrieval"] = evaluate_retrieval(model, eval_set, tokenizer, k=k, itc_only=itc_only,
                                                   batch_size=batch_size, device=device, rank=rank,
@@ -161,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else (model_path / "eval" if model_path.is_dir() else Path("eval"))
         info = {"model": args.model, "data": args.data, "images": len(eval_set.image_ids),
                 "texts": len(eval_set.captions), "k": None if args.itc_only else args.k}
+        if "captioning" in metrics and not java_available():
+            info["notes"] = ["java not found: PTB tokenizer replaced by a whitespace tokenizer, METEOR not computed"]
         write_results(out, metrics, captions, info)
         if args.tensorboard:
             write_tensorboard(args.tensorboard, metrics, args.step)
