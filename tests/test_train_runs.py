@@ -53,8 +53,8 @@ def _overrides(assets: Path, *extra: str) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def _train_cmd(assets: Path, out: Path, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "dlip_ds.train", "--config", "tiny-distill", "--out", str(out),
+def _train_cmd(assets: Path, out: Path, *args: str, extra: tuple[str, ...] = (), recipe: str = "tiny-distill") -> list[str]:
+    return [sys.executable, "-m", "dlip_ds.train", "--config", recipe, "--out", str(out),
             *_overrides(assets, *extra), *args]
 
 
@@ -337,13 +337,16 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def test_nonfinite_steps_are_skipped_and_counted(assets, tmp_path):
+    """Pretraining (no teacher) with 2 micro-batches per step: step 1 = calls 1, 2 (NaN: dropped before
+    backward, call 3 drawn instead); step 2 = calls 4 (infinite gradients), 5: DeepSpeed skips the update."""
     run_dir = tmp_path / "run"
-    cmd = _train_cmd(assets, run_dir, extra=("train.max_steps=4", "train.ckpt_every=100"))
+    cmd = _train_cmd(assets, run_dir, recipe="tiny-pretrain",
+                     extra=("teacher.source=", "train.max_steps=4", "train.ckpt_every=100", "train.grad_accum=2"))
     proc = _run([sys.executable, "-c", NONFINITE_SCRIPT, *cmd[3:]])
     assert "non-finite loss, micro-batch skipped" in proc.stdout
     scalars = _scalars(run_dir)
-    # call 2 was dropped before backward (the step drew another batch); call 4's update was skipped
-    assert scalars["train/skipped_steps"] == {1: 0.0, 2: 1.0, 3: 2.0, 4: 2.0}
+    assert scalars["train/skipped_steps"] == {1: 1.0, 2: 2.0, 3: 2.0, 4: 2.0}
+    assert "loss/kd_repr_vision" not in scalars and "time/teacher_s" in scalars
     assert all(math.isfinite(v) for v in scalars["loss/total"].values())  # no NaN reached the logs
     assert (run_dir / "student" / "model.safetensors").is_file()
 
