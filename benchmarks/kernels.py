@@ -66,7 +66,7 @@ def make_case(spec: dict, device: str, seed: int = 0):
 
         def run():
             loss = attention_kd_loss(q_s, k_s, q_t, k_t, key_padding_mask=mask, backend=spec["backend"])
-            return torch.autograd.grad(loss, inputs)
+            return (loss, *torch.autograd.grad(loss, inputs))
 
     elif spec["op"] == "lm":
         t, w = spec["tokens"], spec["width"]
@@ -76,7 +76,7 @@ def make_case(spec: dict, device: str, seed: int = 0):
 
         def run():
             loss = linear_kd_loss(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, temperature=2.0, backend=spec["backend"])
-            return torch.autograd.grad(loss, inputs)
+            return (loss, *torch.autograd.grad(loss, inputs))
 
     else:
         pairs, b, n, ds, dt = spec["pairs"], spec["batch"], spec["n"], spec["ds"], spec["dt"]
@@ -89,7 +89,7 @@ def make_case(spec: dict, device: str, seed: int = 0):
 
         def run():
             loss = repr_kd_loss(h_s, h_t, ws, bs, mask=mask, backend=spec["backend"])
-            return torch.autograd.grad(loss, inputs)
+            return (loss, *torch.autograd.grad(loss, inputs))
 
     return run
 
@@ -123,11 +123,15 @@ def peak_memory_isolated(spec: dict, device: str) -> float:
 
 def time_group(specs: list[dict], device: str, min_run_time: float) -> list[dict]:
     """Milliseconds per forward+backward of each spec, the specs run in turn (interleaved), so that
-    load from other processes hits fused and reference alike; median and min over the rounds."""
+    load from other processes hits fused and reference alike; median and min over the rounds.
+    The reference comes last in `specs`; rel_diff compares each spec's outputs with it."""
     runs = [make_case(spec, device) for spec in specs]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for run in runs:
-        run()  # warm-up (Triton compilation, allocator)
+    outputs = [run() for run in runs]  # warm-up (Triton compilation, allocator); same inputs (seed) in each
+    # fused vs reference on the same inputs: loss and every gradient, relative to the reference's largest value
+    diffs = [max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
+                 for a, b in zip(out, outputs[-1])) for out in outputs]
+    del outputs
     times: list[list[float]] = [[] for _ in runs]
     start = time.perf_counter()
     while len(times[0]) < 3 or (time.perf_counter() - start < min_run_time * len(runs) and len(times[0]) < 200):
@@ -137,7 +141,8 @@ def time_group(specs: list[dict], device: str, min_run_time: float) -> list[dict
             run()
             sync()
             ts.append((time.perf_counter() - t) * 1e3)
-    return [{"ms": round(statistics.median(ts), 3), "ms_min": round(min(ts), 3), "rounds": len(ts)} for ts in times]
+    return [{"ms": round(statistics.median(ts), 3), "ms_min": round(min(ts), 3), "rounds": len(ts), "rel_diff": d}
+            for ts, d in zip(times, diffs)]
 
 
 def plan(device: str, dtypes: list[str]) -> list[dict]:
@@ -202,8 +207,8 @@ def markdown(results: list[dict], info: dict) -> str:
         + ("(torch.cuda.max_memory_allocated)." if info["device"] == "cuda" else "(peak RSS growth, fresh process)."),
         "",
         ("| op | shape | dtype | fused ms (median / min) | reference ms (median / min) | speed-up (medians) "
-        "| fused MiB | reference MiB | memory ratio |"),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| fused MiB | reference MiB | memory ratio | max rel. diff |"),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows: dict = {}
     for r in results:
@@ -220,8 +225,9 @@ def markdown(results: list[dict], info: dict) -> str:
         speed = f"{ref['ms'] / f['ms']:.2f}x" if f and ref else "n/a"
         mem = f"{f['peak_extra_mib'] / ref['peak_extra_mib']:.1%}" if f and ref and ref["peak_extra_mib"] > 0 else "n/a"
         name = f"{op} ({FUSED[op]} vs torch)"
+        diff = f"{f['rel_diff']:.1e}" if f else "n/a"
         lines.append(f"| {name} | {shape} | {dtype} | {ms(f)} | {ms(ref)} | {speed} | "
-                     f"{cell(f, 'peak_extra_mib')} | {cell(ref, 'peak_extra_mib')} | {mem} |")
+                     f"{cell(f, 'peak_extra_mib')} | {cell(ref, 'peak_extra_mib')} | {mem} | {diff} |")
     lines += ["", ("Fused = Triton for attention (extra memory O(B x heads x N)), chunks of 1024 tokens for LM KD, "
               "one baddbmm over stacked layer pairs for representation KD. Reference = `backend=\"torch\"` "
               "(materialised attention maps / whole logits / one linear per pair).")]
