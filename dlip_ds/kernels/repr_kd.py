@@ -15,7 +15,7 @@ from .reference import accumulate, repr_kd_separate
 
 BACKENDS = ("fused", "torch")
 # The form "auto" uses, per device type, from benchmarks/kernels.py (benchmarks/kernels.md): on CPU the
-# stacked form was no faster (0.9-1.06x over two runs) and held up to 1.5x the memory, so the
+# stacked form was no faster (0.89-1.06x over three runs) and held up to 1.5x the memory, so the
 # per-pair form stays the default; CUDA follows until a GPU run of the benchmark says otherwise.
 AUTO_FORM = {"cpu": "torch", "cuda": "torch"}
 
