@@ -158,7 +158,7 @@ def markdown(report: dict) -> str:
         (f"Teacher `{size['teacher']}` ({report['params']['teacher'] / 1e6:.1f}M, {report['teacher_dtype']}) -> student "
         f"`{size['student']}` ({report['params']['student'] / 1e6:.1f}M, bf16, ZeRO-2), {size['image_size']} px, "
         f"batch {size['batch']}, vocabulary {report['vocab']}, one device; torch {report['torch']}, deepspeed "
-        f"{report['deepspeed']}, {report['threads']} CPU threads. Median of {report['results']['fused_on']['steps']} "
+        f"{report['deepspeed']}, {report['threads']} CPU threads (load average {report['load_average_1min']:.1f}). Median of {report['results']['fused_on']['steps']} "
         "steps per setting, settings interleaved; split = median ms per step of each part. "
         f"Model FLOPs per step: {report['flops_per_step'] / 1e9:.1f} GFLOP (torch flop counter)."),
         "",
@@ -232,6 +232,7 @@ def main() -> int:
         "torch": torch.__version__,
         "deepspeed": __import__("deepspeed").__version__,
         "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
         "sizes": size,
         "vocab": student.cfg.text.vocab_size,
         "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
