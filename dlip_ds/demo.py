@@ -15,10 +15,12 @@ OUT/ data/ (shards, tokenizer)  runs/<name>/ (config, checkpoints, tensorboard, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -282,7 +284,8 @@ def machine() -> dict:
 def write_markdown(report: dict, path: Path) -> None:
     rows = table_rows(report)
     where = (f"{report['date']}, {report['scale_name']} scale, {report['machine']['cpus']} CPUs "
-             f"({report['machine']['platform']}), {report['elapsed_s'] / 60:.1f} minutes end to end.")
+             f"({report['machine']['platform']}), {report['elapsed_s'] / 60:.1f} minutes end to end "
+             f"({report['cpu_s'] / 60:.1f} CPU minutes).")
     notes = ("Mean recall: BLIP's R@1/5/10 image-to-text and text-to-image averaged, ITC top-k re-ranked by ITM, "
              f"on {report['eval']['images']} held-out images (every test scene shows a colour-shape pair never "
              "seen in training). CIDEr: beam search 3, BLIP's prompt. FLOPs and latency: one image-text pair "
@@ -290,7 +293,8 @@ def write_markdown(report: dict, path: Path) -> None:
     md = ["# dlip_ds demo report", "", where, "",
           "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    md += ["", verdict(report), "", notes, "",
+    stages = ", ".join(f"{name} {t['wall_s']:.0f} s ({t['cpu_s']:.0f} CPU s)" for name, t in report["stages"].items())
+    md += ["", verdict(report), "", notes, "", f"Stages (wall, CPU): {stages}.", "",
            "![loss curves](loss_curves.png)", "", "![quality against parameters](quality_vs_params.png)", "",
            "TensorBoard: `tensorboard --logdir " + str(Path(report["out"]) / "runs") + "`", ""]
     path.write_text("\n".join(md))
@@ -316,25 +320,51 @@ def _check_scale(out: Path, name: str) -> None:
     marker.write_text(json.dumps({"scale_name": name, "scale": asdict(SCALES[name])}, indent=2) + "\n")
 
 
+class Stages:
+    """Wall and CPU seconds (this process and its children) per stage: on a shared machine the CPU
+    time says what the run costs, the wall time what it took."""
+
+    def __init__(self):
+        self.times: dict[str, dict[str, float]] = {}
+
+    @staticmethod
+    def _cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        wall, cpu = time.perf_counter(), self._cpu()
+        yield
+        self.times[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(self._cpu() - cpu, 1)}
+
+
 def demo(out: str | Path, scale_name: str = "full") -> dict:
     """Run the demo into `out`; returns the report (also written as OUT/report.json)."""
     start = time.perf_counter()
     out = Path(out).resolve()
     scale = SCALES[scale_name]
     _check_scale(out, scale_name)
-    data = make_data(out, scale)
-    runs = {"teacher": train_run("teacher", out, data, scale)}
-    runs["student"] = train_run("student", out, data, scale, teacher=runs["teacher"] / "student")
-    runs["baseline"] = train_run("baseline", out, data, scale)
-    _log(f"student: exporting to {out / 'student'}")
-    _cli(["export", str(runs["student"]), "--out", str(out / "student")])
+    stage = Stages()
+    with stage("data"):
+        data = make_data(out, scale)
+    runs: dict[str, Path] = {}
+    for m in MODELS:
+        with stage(f"train_{m}"):
+            teacher = runs["teacher"] / "student" if m == "student" else None
+            runs[m] = train_run(m, out, data, scale, teacher=teacher)
+    with stage("export"):
+        _log(f"student: exporting to {out / 'student'}")
+        _cli(["export", str(runs["student"]), "--out", str(out / "student")])
 
     report: dict = {}
     for m in MODELS:
-        steps = scale.teacher_steps if m == "teacher" else scale.student_steps
-        metrics = evaluate_run(m, runs[m], out, data, scale, steps)
-        _log(f"{m}: profiling (params, FLOPs, CPU latency)")
-        report[m] = summarise(metrics, profile_run(runs[m], scale))
+        with stage(f"evaluate_{m}"):
+            steps = scale.teacher_steps if m == "teacher" else scale.student_steps
+            metrics = evaluate_run(m, runs[m], out, data, scale, steps)
+        with stage(f"profile_{m}"):
+            _log(f"{m}: profiling (params, FLOPs, CPU latency)")
+            report[m] = summarise(metrics, profile_run(runs[m], scale))
     share = _share(report["student"]["params"], report["teacher"]["params"])
     if share > MAX_STUDENT_SHARE:
         raise DemoError(f"the student has {100 * share:.1f}% of the teacher's parameters, more than "
@@ -344,9 +374,12 @@ def demo(out: str | Path, scale_name: str = "full") -> dict:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "scale_name": scale_name, "scale": asdict(scale), "machine": machine(), "out": str(out),
         "eval": {"images": metrics["images"], "texts": metrics["texts"], "k": scale.eval_k},
-        "elapsed_s": time.perf_counter() - start,
+        "stages": stage.times,
     })
-    plot(report, runs, out)
+    with stage("report"):
+        plot(report, runs, out)
+    report["elapsed_s"] = time.perf_counter() - start
+    report["cpu_s"] = sum(t["cpu_s"] for t in stage.times.values())
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, out / "report.md")
     return report

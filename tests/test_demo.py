@@ -37,6 +37,8 @@ def test_demo_report_numbers(demo_out, capsys):
         assert len(captions) == metrics["images"] == report["eval"]["images"]
     assert report["student"]["params"] <= MAX_STUDENT_SHARE * report["teacher"]["params"]
     assert report["student"]["flops"] < report["teacher"]["flops"]
+    assert {f"train_{m}" for m in MODELS} <= set(report["stages"])
+    assert report["cpu_s"] > 0 and report["elapsed_s"] > 0
     c = report["student_vs_teacher"]
     assert c["params"] == pytest.approx(report["student"]["params"] / report["teacher"]["params"])
     assert c["keeps_95pct_of_teacher_recall"] == (
