@@ -27,7 +27,7 @@ from dlip_ds.engine.ds_config import (
     shipped_ds_configs,
     zero_stage,
 )
-from dlip_ds.engine.optim import WarmupCosine, param_groups
+from dlip_ds.engine.optim import param_groups, warmup_cosine
 
 # --------------------------------------------------------------------------- DeepSpeed configs
 
@@ -109,7 +109,7 @@ def test_param_groups_exclude_norms_biases_and_positions():
 
 def test_warmup_cosine_against_the_formula():
     lr, min_lr, warmup, total = 1e-3, 1e-5, 10, 110
-    sched = WarmupCosine(warmup, total, min_lr / lr)
+    sched = warmup_cosine(warmup, total, min_lr / lr)
     for step in range(total + 5):
         if step < warmup:
             want = lr * (step + 1) / (warmup + 1)

@@ -225,16 +225,33 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
+KILL9_SCRIPT = """
+import os, signal, sys
+from dlip_ds.engine import checkpoint
+from dlip_ds import train
+
+rng_state, saves = checkpoint.rng_state, [0]
+
+def dying(generator):  # called inside CheckpointManager.save, after DeepSpeed has written its files
+    saves[0] += 1
+    if saves[0] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rng_state(generator)
+
+checkpoint.rng_state = dying
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_kill9_resume_follows_uninterrupted_run_and_tensorboard(assets, tmp_path):
+    """kill -9 in the middle of the second checkpoint (step 6): `latest` still names step 3, and the
+    resumed run follows the uninterrupted run's loss curve and ends with its weights."""
     extra = ("train.ckpt_every=3", "train.eval_every=6", "train.max_steps=6")
     ref_dir, cut_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     _run(_train_cmd(assets, ref_dir, extra=extra))
-    proc = subprocess.Popen(_train_cmd(assets, cut_dir, extra=extra), env=ENV, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    latest = cut_dir / "checkpoints" / "latest"
-    _wait_for(lambda: latest.is_file() and latest.read_text() == "step_00000003", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _run([sys.executable, "-c", KILL9_SCRIPT, *_train_cmd(assets, cut_dir, extra=extra)[3:]], rc=-signal.SIGKILL)
+    assert (cut_dir / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert any((cut_dir / "checkpoints" / "step_00000006").glob("*model_states.pt"))  # the broken save
     assert not (cut_dir / "student").exists()
     _run(_train_cmd(assets, cut_dir, "--resume", "auto", extra=extra))
 
@@ -251,6 +268,12 @@ def test_kill9_resume_follows_uninterrupted_run_and_tensorboard(assets, tmp_path
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+    from dlip_ds.engine.checkpoint import load_run_student
+
+    model, tokenizer = load_run_student(ref_dir)  # the exported student, as `dlip-ds evaluate RUN_DIR` reads it
+    assert tokenizer is not None
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, a[key], rtol=0, atol=0, msg=key)
 
     # TensorBoard holds every scalar the issue lists (read back with tensorboard's reader).
     terms = ("itc", "itm", "lm", "kd_repr_vision", "kd_repr_text", "kd_repr_fusion", "kd_repr_decoder",
@@ -280,8 +303,10 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_exits_cleanly_then_resumes(asse
     one sharded checkpoint, exit 0; `--resume auto` continues and exports the consolidated student."""
     import psutil
 
+    from dlip_ds.config import load_recipe
+
     run_dir = tmp_path / "run"
-    extra = ("train.ckpt_every=100", "train.max_steps=40", "data.batch_size=2")
+    extra = ("train.ckpt_every=1000", "train.max_steps=1000", "data.batch_size=2")  # stopped long before
     proc = subprocess.Popen(_torchrun(_train_cmd(assets, run_dir, "--deepspeed", "zero3_bf16", extra=extra)), env=ENV,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(lambda: any((run_dir / "tensorboard").glob("events.*")) and "loss/total" in _scalars(run_dir), proc)
@@ -292,18 +317,27 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_exits_cleanly_then_resumes(asse
     assert proc.returncode == 0, out[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     step = int(tag.split("_")[1])
-    assert 1 <= step < 40
+    assert 1 <= step < 1000
     for rank in (0, 1):
         assert (run_dir / "checkpoints" / tag / f"rng_rank{rank}.pt").is_file()
         assert (run_dir / "checkpoints" / tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
     assert "SIGUSR1" in (run_dir / "interrupted").read_text() or "another rank" in (run_dir / "interrupted").read_text()
     assert f"stopped at step {step}" in out
     assert not (run_dir / "student").exists()
+    # `dlip-ds evaluate/export RUN_DIR` on a stopped run: the student consolidated from the 2 ZeRO-3 shards
+    from dlip_ds.engine.checkpoint import load_run_student
+
+    model, tokenizer = load_run_student(run_dir)
+    assert tokenizer is not None and model.cfg.text.vocab_size == len(tokenizer)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     cmd = _train_cmd(assets, run_dir, "--deepspeed", "zero3_bf16", "--resume", "auto", "--max-steps", str(step + 2),
                      extra=extra)
     proc = _run(_torchrun(cmd))
     assert f"resuming at step {step}" in proc.stdout
-    assert max(_scalars(run_dir)["loss/total"]) == step + 2
+    scalars = _scalars(run_dir)
+    assert max(scalars["loss/total"]) == step + 2
+    # the resumed run follows its own schedule: cosine down to min_lr at the new max_steps
+    assert scalars["train/lr"][step + 2] == pytest.approx(load_recipe("tiny-distill").train.min_lr, rel=1e-4)
     assert (run_dir / "student" / "model.safetensors").is_file() and not (run_dir / "interrupted").exists()
 
 

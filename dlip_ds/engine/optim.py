@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,23 +37,23 @@ def build_optimizer(groups: list[dict], lr: float, *, offload: bool, device: tor
     return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
-class WarmupCosine:
+def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup from 0, then cosine from 1 down to min_lr / lr at max_steps.
 
-    A class (not a closure) so LambdaLR's state_dict, saved in checkpoints, holds its fields.
+    A plain function on purpose: LambdaLR checkpoints no state for functions, so a resumed run keeps
+    its step count (from the checkpoint) but follows its own recipe's schedule (e.g. a longer max_steps).
     """
 
-    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float):
-        self.warmup_steps, self.max_steps, self.min_ratio = warmup_steps, max_steps, min_ratio
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return multiplier
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup_steps: int,
                     max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, max_steps, min_lr / lr))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, max_steps, min_lr / lr))
