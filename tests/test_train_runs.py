@@ -214,15 +214,33 @@ def test_two_ranks_follow_one_rank(assets, tmp_path):
         assert two[name] == pytest.approx(one[name], rel=1e-2), (name, two[name], one[name])
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
-    start = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early (rc {proc.returncode}): {proc.stdout.read()[-3000:]}")
-        if time.time() - start > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.2)
+class Background:
+    """A run in the background whose output lines are collected as they come."""
+
+    def __init__(self, cmd: list[str]):
+        import threading
+
+        self.proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for_line(self, text: str, timeout: float = 180) -> None:
+        start = time.time()
+        while not any(text in line for line in list(self.lines)):
+            if self.proc.poll() is not None or time.time() - start > timeout:
+                self.proc.kill()
+                raise AssertionError(f"no line with {text!r} (rc {self.proc.poll()}): {self.output()[-3000:]}")
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
+        rc = self.proc.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return rc, self.output()
+
+    def output(self) -> str:
+        return "".join(self.lines)
 
 
 KILL9_SCRIPT = """
@@ -307,14 +325,14 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_exits_cleanly_then_resumes(asse
 
     run_dir = tmp_path / "run"
     extra = ("train.ckpt_every=1000", "train.max_steps=1000", "data.batch_size=2")  # stopped long before
-    proc = subprocess.Popen(_torchrun(_train_cmd(assets, run_dir, "--deepspeed", "zero3_bf16", extra=extra)), env=ENV,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: any((run_dir / "tensorboard").glob("events.*")) and "loss/total" in _scalars(run_dir), proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "dlip_ds.train" in " ".join(p.cmdline())]
+    run = Background(_torchrun(_train_cmd(assets, run_dir, "--deepspeed", "zero3_bf16", extra=extra)))
+    run.wait_for_line("step 1/")
+    workers = [p for p in psutil.Process(run.proc.pid).children(recursive=True)
+               if "dlip_ds.train" in " ".join(p.cmdline())]
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out[-3000:]
+    rc, out = run.finish()
+    assert rc == 0, out[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     step = int(tag.split("_")[1])
     assert 1 <= step < 1000
