@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import resource
@@ -52,10 +53,10 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
-                  warmup_steps=100, log_every=25, eval_k=16, profile_repeats=5),
-    "quick": Scale(train_pairs=3000, test_pairs=200, teacher_steps=200, student_steps=200, batch_size=32,
-                   warmup_steps=20, log_every=10, eval_k=16, profile_repeats=3),
+    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=2000, student_steps=1500, batch_size=32,
+                  warmup_steps=100, log_every=25, eval_k=16, profile_repeats=10),
+    "quick": Scale(train_pairs=4000, test_pairs=200, teacher_steps=400, student_steps=300, batch_size=32,
+                   warmup_steps=30, log_every=20, eval_k=16, profile_repeats=10),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,
                 warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8),
@@ -156,6 +157,7 @@ def profile_run(run_dir: Path, scale: Scale) -> dict:
 def loss_curves(run_dir: Path, tag: str = "loss/total") -> tuple[list[int], list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file otherwise
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     if tag not in acc.Tags()["scalars"]:

@@ -63,7 +63,7 @@ def recall_at_k(
     out: dict[str, float] = {}
     for prefix, ranks in (("txt", _ranks(scores_i2t, gt)), ("img", _ranks(scores_t2i, gt.t()))):
         for k in KS:
-            out[f"{prefix}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+            out[f"{prefix}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
         out[f"{prefix}_r_mean"] = sum(out[f"{prefix}_r{k}"] for k in KS) / len(KS)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
