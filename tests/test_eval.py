@@ -211,7 +211,8 @@ def _check_reranked(scores, sims, itm, k):
         rest[top_idx[r]] = False
         if rest.any():
             assert scores[r, rest].max() < scores[r, top_idx[r]].min()
-            assert torch.equal(scores[r, rest].argsort(stable=True), sims[r, rest].argsort(stable=True))
+            shift = scores[r, rest] - sims[r, rest]  # the ITC similarities moved by one constant
+            assert torch.allclose(shift, shift.mean().expand_as(shift), atol=1e-4)
 
 
 def test_retrieval_scores_rerank_topk_by_itm(tiny):
