@@ -53,7 +53,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=2000, student_steps=1500, batch_size=32,
+    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=1200, student_steps=1000, batch_size=32,
                   warmup_steps=100, log_every=25, eval_k=16, profile_repeats=10),
     "quick": Scale(train_pairs=4000, test_pairs=200, teacher_steps=400, student_steps=300, batch_size=32,
                    warmup_steps=30, log_every=20, eval_k=16, profile_repeats=10),
