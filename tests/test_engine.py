@@ -37,13 +37,15 @@ def test_shipped_configs_cover_every_stage_and_precision():
     for zero in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
         for prec in ("bf16", "fp16"):
             assert f"{zero}_{prec}" in names
+    assert "zero2_fp32" in names  # for CPUs without bf16 matrix units
     for name in names:
         cfg = json.loads(find_ds_config(name).read_text())
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             assert cfg[key] == "auto", (name, key)
         stage = int(name[4])
         assert zero_stage(cfg) == stage
-        assert compute_dtype(cfg) == (torch.bfloat16 if name.endswith("bf16") else torch.float16)
+        expected = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name.rsplit("_", 1)[1]]
+        assert compute_dtype(cfg) == expected
         offload = cfg["zero_optimization"].get("offload_optimizer", {}).get("device")
         assert offload == ("cpu" if "offload" in name else None)
 
