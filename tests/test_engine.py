@@ -245,3 +245,20 @@ def test_engine_recipes_load_and_fit_every_ds_config(name):
             continue
         cfg = resolve_ds_config(ds, recipe, world_size=8)
         assert cfg["train_batch_size"] == recipe.data.batch_size * recipe.train.grad_accum * 8
+
+
+def test_cpu_threads_leave_room_for_ranks_and_data_workers(monkeypatch):
+    from dlip_ds.engine.distributed import limit_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    try:
+        assert limit_cpu_threads(data_workers=2) == 2 and torch.get_num_threads() == 2  # 16 / 4 - 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+        assert limit_cpu_threads(data_workers=2) == 1  # never below one
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert limit_cpu_threads(data_workers=2) is None  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)

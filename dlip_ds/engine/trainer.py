@@ -37,6 +37,7 @@ from dlip_ds.engine.distributed import (
     any_rank,
     barrier,
     init_distributed,
+    limit_cpu_threads,
     mean_over_ranks,
 )
 from dlip_ds.engine.ds_config import (
@@ -248,6 +249,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | 
 
     _quiet_deepspeed()
     env = init_distributed()
+    if env.device.type == "cpu":
+        limit_cpu_threads(recipe.data.workers)
     run_dir = Path(run_dir)
     cfg = recipe.train
     check_local_shards(recipe.data.train_shards, "data.train_shards")
