@@ -53,10 +53,11 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=1200, student_steps=1000, batch_size=32,
-                  warmup_steps=100, log_every=25, eval_k=16, profile_repeats=10),
-    "quick": Scale(train_pairs=4000, test_pairs=200, teacher_steps=400, student_steps=300, batch_size=32,
-                   warmup_steps=30, log_every=20, eval_k=16, profile_repeats=10),
+    # Measured on a 2-core CPU: full about 25 minutes, quick about 7 (report.json records each stage).
+    "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=3000, student_steps=3000, batch_size=32,
+                  warmup_steps=150, log_every=50, eval_k=16, profile_repeats=10),
+    "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
+                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=10),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,
                 warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8),
