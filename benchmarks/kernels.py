@@ -12,7 +12,7 @@ Time: fused and reference of one shape run in turn, round after round (CUDA sync
 run), median and min over the rounds. Peak memory: the extra bytes over the inputs during one
 forward+backward: torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the process's peak RSS
 (resource.ru_maxrss) in a fresh subprocess per measurement.
-Writes JSON to benchmarks/results/kernels_<device>.json and a Markdown table to benchmarks/kernels.md
+Writes JSON to benchmarks/results/kernels_<device>.json and a Markdown table to benchmarks/results/kernels_<device>.md (copy it into benchmarks/README.md)
 (or --md).
 """
 
@@ -235,7 +235,7 @@ def markdown(results: list[dict], info: dict) -> str:
         lines += ["", ("On CPU the attention kernels run only as the PyTorch reference (the Triton path needs CUDA; "
                   "the interpreter is a correctness tool, not a timing one), so attention rows show the reference "
                   "alone. Real sizes on a GPU: `python benchmarks/kernels.py --device cuda` "
-                  "(writes benchmarks/results/kernels_cuda.json and this table).")]
+                  "(writes benchmarks/results/kernels_cuda.json and .md).")]
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=["attention", "lm", "repr"], help="run only these ops")
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
-    p.add_argument("--md", type=Path, default=ROOT / "kernels.md", help="Markdown table path")
+    p.add_argument("--md", type=Path, help="Markdown table path (default benchmarks/results/kernels_<device>.md)")
     p.add_argument("--table-only", action="store_true", help="rewrite --md from the JSON of --out, measuring nothing")
     p.add_argument("--threads", type=int, help="CPU threads (default 1 on --device cpu: on a shared machine "
                    "OpenMP threads spin-wait on busy cores and small ops slow down by 100x)")
@@ -259,6 +259,7 @@ def main(argv=None) -> int:
         print(peak_memory(json.loads(args.child), "cpu"))
         return 0
     out = args.out or ROOT / "results" / f"kernels_{args.device}.json"
+    args.md = args.md or out.with_suffix(".md")
     if args.table_only:
         saved = json.loads(out.read_text())
         args.md.write_text(markdown(saved["results"], saved["machine"]))

@@ -11,7 +11,7 @@ and produce 224-px training crops in batches of 32, in the same run:
   RandomResizedCrop + flip + ToTensor + Normalize) .batched` in a `WebLoader` (same prefetch depth),
   no tokenisation.
 Throughput = samples/s after a warm-up, divided by the worker count for the per-worker figure.
-Writes benchmarks/results/loader.json and the Markdown table benchmarks/loader.md.
+Writes benchmarks/results/loader.json and the Markdown table benchmarks/results/loader.md.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="median of this many interleaved runs")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "loader.json")
-    p.add_argument("--md", type=Path, default=ROOT / "loader.md")
+    p.add_argument("--md", type=Path, default=ROOT / "results" / "loader.md")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # workers do the work; keep the main process from competing with them
 

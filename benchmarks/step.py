@@ -16,7 +16,7 @@ Time split per step, as the trainer logs it: data wait, teacher (its stage metho
 student forward+backward (the rest of forward + backward), optimizer (engine.step). Model FLOPs per
 step are counted once with torch.utils.flop_counter (teacher forward + student forward and backward);
 MFU = FLOPs / step time / the device's peak dense bf16 FLOP/s (--peak-tflops, default by device).
-Writes benchmarks/results/step_<device>.json and the Markdown table benchmarks/step.md (or --md).
+Writes benchmarks/results/step_<device>.json and the Markdown table benchmarks/results/step_<device>.md (or --md).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating blocks per setting")
     parser.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s for MFU")
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/step_<device>.json")
-    parser.add_argument("--md", type=Path, help="default: benchmarks/step.md")
+    parser.add_argument("--md", type=Path, help="default: benchmarks/results/step_<device>.md")
     args = parser.parse_args()
 
     size = dict(SIZES[args.device])
@@ -245,7 +245,7 @@ def main() -> int:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(report)
-    (args.md or ROOT / "step.md").write_text(md)
+    (args.md or ROOT / "results" / f"step_{args.device}.md").write_text(md)
     print(md)
     return 0
 
