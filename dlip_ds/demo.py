@@ -53,7 +53,7 @@ class Scale:
 
 
 SCALES = {
-    # Measured on a 2-core CPU: full about 25 minutes, quick about 7 (report.json records each stage).
+    # Measured on a shared 2-core CPU: full 27 minutes, quick 8.5 (report.json records every stage).
     "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=3000, student_steps=3000, batch_size=32,
                   warmup_steps=150, log_every=50, eval_k=16, profile_repeats=10),
     "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
