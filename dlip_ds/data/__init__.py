@@ -11,11 +11,13 @@ _EXPORTS = {
     "make_train_loader": "stream", "make_epoch_loader": "stream",
     "train_transform": "transforms", "eval_transform": "transforms",
     "load_eval_set": "evalset", "EvalSet": "evalset",
-    "synth": "synth",
 }
+# `synth` is not re-exported: the package attribute of that name is the submodule as soon as it is
+# imported, so the function would resolve to a module depending on import order. Use
+# `dlip_ds.data.synth.synth`.
 
 __all__ = ["EvalSet", "clean_caption", "eval_transform", "load_eval_set", "load_tokenizer",
-           "make_epoch_loader", "make_train_loader", "synth", "tokenizer_from_config", "train_transform"]
+           "make_epoch_loader", "make_train_loader", "tokenizer_from_config", "train_transform"]
 
 
 def __getattr__(name: str):
