@@ -6,8 +6,8 @@ import torch
 from test_kernels_reference import LargestTensor, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 from dlip_ds.kernels import attention_kd_loss
-from dlip_ds.kernels.attention_kd import prepare_inputs
 from dlip_ds.kernels.reference import attention_kd_reference
+from dlip_ds.kernels.relation import prepare_inputs
 
 pytest.importorskip("triton")
 from dlip_ds.kernels.attention_kd_triton import attention_kd_triton

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_kd import RelationInputs
 from .dispatch import interpreter_enabled
+from .relation import RelationInputs
 
 NEG = tl.constexpr(-1.0e30)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .attention_kd import RelationInputs
+    from .relation import RelationInputs
 
 
 def accumulate(x: torch.Tensor) -> torch.Tensor:
