@@ -6,8 +6,8 @@
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "dlip_ds.models.checkpoints",
-    "save_model": "dlip_ds.models.checkpoints",
+    "load_model": "dlip_ds.models.load",
+    "save_model": "dlip_ds.models.dlip_format",
     "VLPModel": "dlip_ds.models.vlp",
     "TapRequest": "dlip_ds.models.vlp",
 }

@@ -167,7 +167,7 @@ def _table(name: str, r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlip_ds.models.checkpoints import load_model
+    from dlip_ds.models.load import load_model
 
     over = {"vision": {"image_size": args.image_size}} if args.image_size else {}
     kw = {"batch_size": args.batch_size, "text_len": args.text_len, "caption_len": args.caption_len,

@@ -12,12 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import dlip_ds
 from dlip_ds.config import ConfigError, InitConfig, model_config_from_dict
-from dlip_ds.models.checkpoints import (
-    export_hf_blip,
-    init_student,
-    pick_layers,
-    save_model,
-)
+from dlip_ds.models.dlip_format import save_model
+from dlip_ds.models.hf_blip import export_hf_blip
+from dlip_ds.models.init import init_student, pick_layers
 from dlip_ds.models.presets import preset_dict
 from dlip_ds.models.vlp import VLPModel
 

@@ -47,7 +47,7 @@ def test_demo_report_numbers(demo_out, capsys):
 
 @pytest.mark.slow
 def test_demo_files_and_exported_student(demo_out):
-    from dlip_ds.models.checkpoints import load_model
+    from dlip_ds.models.load import load_model
 
     for name in ("report.md", "loss_curves.png", "quality_vs_params.png"):
         assert (demo_out / name).stat().st_size > 0, name

@@ -172,7 +172,8 @@ def tiny(tmp_path_factory):
     """(model, eval set, tokenizer, model dir, test shards dir): a random test-tiny model and 10 synthetic images."""
     from dlip_ds.data import load_eval_set, load_tokenizer
     from dlip_ds.data.synth import synth
-    from dlip_ds.models.checkpoints import load_model, save_model
+    from dlip_ds.models.dlip_format import save_model
+    from dlip_ds.models.load import load_model
 
     root = tmp_path_factory.mktemp("eval")
     synth(root / "data", train=40, test=10, image_size=32, shard_size=4)
@@ -237,7 +238,7 @@ def _rank_worker(rank, world_size, port, model_dir, data_dir, out_path):
     from dlip_ds.data import load_eval_set, load_tokenizer
     from dlip_ds.eval.captioning import CaptionSettings, generate_captions
     from dlip_ds.eval.retrieval import retrieval_scores
-    from dlip_ds.models.checkpoints import load_model
+    from dlip_ds.models.load import load_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -322,7 +323,7 @@ def test_evaluate_cli_writes_metrics_captions_and_tensorboard(tiny, tmp_path, mo
 
 def test_evaluate_cli_errors_are_clear(tiny, tmp_path, capsys):
     from dlip_ds.cli import main
-    from dlip_ds.models.checkpoints import save_model
+    from dlip_ds.models.dlip_format import save_model
 
     model, _, _, _, data_dir = tiny
     bare = tmp_path / "bare"

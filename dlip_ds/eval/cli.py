@@ -53,7 +53,7 @@ def load_model_source(source: str):
 
         model, tokenizer = load_run_student(path)
         return model, tokenizer, path / "student"
-    from dlip_ds.models.checkpoints import load_model
+    from dlip_ds.models.load import load_model
 
     return load_model(source), None, (path if path.is_dir() else None)
 

@@ -3,7 +3,7 @@ self-attention and optional cross-attention to image tokens, all through `scaled
 
 Per-layer names (`self_attn.{query,key,value,out,norm}`, `cross_attn.*`, `mlp.{fc1,fc2,norm}`) map
 one-to-one onto transformers/Salesforce BERT names (`attention.self.query`, `attention.output.dense`,
-`intermediate.dense`, ...); `checkpoints.py` holds that table.
+`intermediate.dense`, ...); `keymaps.py` holds that table.
 """
 
 from __future__ import annotations

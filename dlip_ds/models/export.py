@@ -26,7 +26,9 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlip_ds.models.checkpoints import export_hf_blip, load_model, save_model
+    from dlip_ds.models.dlip_format import save_model
+    from dlip_ds.models.hf_blip import export_hf_blip
+    from dlip_ds.models.load import load_model
 
     src = Path(args.source).expanduser()
     tokenizer = None

@@ -1,0 +1,102 @@
+"""Caption generation for `VLPModel.generate`: greedy and beam search over the decoder's KV caches.
+
+Both follow transformers' `generate` (BLIP's captioner calls it), so the same weights give the same
+tokens. `model` is a VLPModel: its `_next_logits` runs the decoder on the new tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def until(ids: list[int], sep: int) -> list[int]:
+    return ids[: ids.index(sep)] if sep in ids else ids
+
+
+def strip_prompt(tokenizer, prompt_ids: list[int], generated: list[int]) -> str:
+    """BLIP decodes prompt + caption and cuts the prompt text off; that keeps word pieces joined."""
+    text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    return text[len(head):].strip() if head and text.startswith(head) else text.strip()
+
+
+def _penalise(scores: torch.Tensor, seqs: torch.Tensor, penalty: float, sep: int, cur_len: int, min_length: int):
+    """transformers' RepetitionPenaltyLogitsProcessor then MinLengthLogitsProcessor, in place."""
+    if penalty != 1.0:
+        seen = scores.gather(1, seqs)
+        scores.scatter_(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+    if cur_len < min_length:
+        scores[:, sep] = -float("inf")
+    return scores
+
+
+def _reorder(caches, index: torch.Tensor) -> None:
+    """Follow the surviving beams. Cross-attention keys/values stay: every beam of an image holds the same."""
+    for c in caches:
+        for key in list(c["self"]):
+            c["self"][key] = c["self"][key].index_select(0, index)
+
+
+def greedy(model, image_embeds, start, max_length, min_length, penalty, sep):
+    """Greedy decoding from `start` [B, n] until every row has produced [SEP] or max_length tokens."""
+    seqs, caches, past = start, model._new_caches(), 0
+    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
+    pad = model.cfg.text.pad_token_id
+    while seqs.shape[1] < max_length and not bool(done.all()):
+        logits = model._next_logits(seqs[:, past:], image_embeds, caches, past)
+        past = seqs.shape[1]
+        nxt = _penalise(logits, seqs, penalty, sep, seqs.shape[1], min_length).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+        done |= nxt == sep
+    return seqs
+
+
+def beam_search(model, image_embeds, start, beams, max_length, min_length, penalty, sep):
+    """Beam search with transformers' defaults (length_penalty=1 over generated tokens, early_stopping=False)."""
+    b, prompt_len = start.shape
+    dev = start.device
+    image_embeds = image_embeds.repeat_interleave(beams, dim=0)
+    running = start.repeat_interleave(beams, dim=0)  # [b*beams, cur]
+    run_scores = torch.zeros(b, beams, device=dev)
+    run_scores[:, 1:] = -1e9  # only the first beam expands at step one
+    fin_seqs = torch.full((b, beams, max_length), model.cfg.text.pad_token_id, dtype=torch.long, device=dev)
+    fin_scores = torch.full((b, beams), -1e9, device=dev)
+    fin_done = torch.zeros(b, beams, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    caches, past = model._new_caches(), 0
+    top_mask = torch.arange(2 * beams, device=dev) < beams
+    while True:
+        cur = running.shape[1]
+        logits = model._next_logits(running[:, past:], image_embeds, caches, past)
+        past = cur
+        logp = _penalise(F.log_softmax(logits, -1), running, penalty, sep, cur, min_length)
+        vocab = logp.shape[-1]
+        logp = (logp.view(b, beams, vocab) + run_scores[:, :, None]).view(b, -1)
+        top_scores, top_idx = logp.topk(2 * beams, dim=-1)
+        src_beam, token = top_idx // vocab, top_idx % vocab
+        src_flat = (src_beam + torch.arange(b, device=dev)[:, None] * beams).view(-1)
+        cand = torch.cat([running.index_select(0, src_flat), token.view(-1, 1)], dim=1).view(b, 2 * beams, cur + 1)
+        hits = (token == sep) | (cur + 1 >= max_length)
+        # the best `beams` unfinished candidates keep running
+        keep = (top_scores - hits.float() * 1e9).topk(beams, dim=-1).indices
+        run_scores = (top_scores - hits.float() * 1e9).gather(1, keep)
+        keep_flat = (keep + torch.arange(b, device=dev)[:, None] * (2 * beams)).view(-1)
+        running = cand.view(b * 2 * beams, -1).index_select(0, keep_flat)
+        _reorder(caches, src_flat.view(b, 2 * beams).gather(1, keep).view(-1))
+        # finished candidates among the top `beams` enter the hypotheses, scored by generated length
+        new = hits & top_mask[None, :] & improvable
+        normed = torch.where(new, top_scores / (cur + 1 - prompt_len), torch.full_like(top_scores, -1e9))
+        padded = F.pad(cand, (0, max_length - cur - 1), value=model.cfg.text.pad_token_id)
+        all_scores = torch.cat([fin_scores, normed], dim=1)
+        best = all_scores.topk(beams, dim=-1).indices
+        fin_seqs = torch.cat([fin_seqs, padded], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        fin_done = torch.cat([fin_done, new], dim=1).gather(1, best)
+        fin_scores = all_scores.gather(1, best)
+        cur += 1
+        worst = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, -1e9))
+        improvable &= (run_scores[:, :1] / (cur - prompt_len) > worst).any(dim=-1, keepdim=True)
+        if not bool(improvable.any()) or bool(hits.all()) or cur >= max_length:
+            break
+    return fin_seqs[:, 0]

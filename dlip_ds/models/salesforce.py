@@ -1,0 +1,116 @@
+"""Salesforce BLIP `.pth` checkpoints (models/blip_pretrain.py, blip_retrieval.py, blip.py decoder)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from dlip_ds.config import ConfigError, deep_merge, model_config_from_dict
+from dlip_ds.models.keymaps import bert_to_ours, lm_head_from_bert, prefixed, sub
+from dlip_ds.models.vlp import VLPModel
+from dlip_ds.models.weights import load_state_strict, read_json, read_weights
+
+log = logging.getLogger(__name__)
+
+_DROP_SALESFORCE = ("image_queue", "text_queue", "queue_ptr", "idx_queue", "ptr_queue")
+# (ours, theirs): heads and momentum copies whose keys differ only by prefix
+_RENAMED = (("itc.vision_proj.", "vision_proj."), ("itc.text_proj.", "text_proj."),
+            ("itm_head.", "itm_head."), ("momentum.vision.", "visual_encoder_m."),
+            ("momentum.vision_proj.", "vision_proj_m."), ("momentum.text_proj.", "text_proj_m."))
+
+
+def load_salesforce_blip(path: Path, med_config, overrides: dict) -> VLPModel:
+    """A Salesforce BLIP checkpoint: the topology (decoder shared or not, momentum copies) is read from the
+    keys, sizes from the shapes and the med config json (`med_config=` or `med_config.json` beside the
+    file). Attention heads are not in the weights: the vision encoder gets width // 64 (BLIP's ViT-B and
+    ViT-L), unless overridden (`vision={"heads": n}`); the text takes the med config's, else width // 64 too."""
+    where = str(path)
+    state = read_weights(path)
+    med = _read_med(path, med_config)
+    dropped = [k for k in state if k.startswith(_DROP_SALESFORCE)]
+    if dropped:
+        log.info("%s: ignoring ITC queues %s (the loss owns them)", where, ", ".join(dropped))
+    vis = sub(state, "visual_encoder.")
+    if not vis:
+        raise ConfigError(f"{where}: no 'visual_encoder.*' keys; not a Salesforce BLIP checkpoint")
+    text = bert_to_ours(sub(state, "text_encoder."), where)
+    dec = bert_to_ours(sub(state, "text_decoder.bert."), where)
+    if not text and not dec:
+        raise ConfigError(f"{where}: neither 'text_encoder.*' nor 'text_decoder.*' keys")
+    bert_src = text or dec
+    tcfg = _infer_bert(bert_src, med, where)
+    cross = sorted({int(k.split(".")[1]) for k in bert_src if ".cross_attn." in k})
+    if cross != list(range(tcfg["depth"] - len(cross), tcfg["depth"])):
+        raise ConfigError(f"{where}: cross-attention in text layers {cross}; expected the last K layers")
+    # BLIP pretraining ties every decoder weight but self-attention to the text encoder.
+    share = bool(text and dec) and all(
+        torch.equal(v, text[k]) for k, v in dec.items() if ".self_attn." not in k and k in text)
+    ours = _to_ours(state, vis, text, dec, share, where)
+    data = {
+        "vision": _vision_config(vis),
+        "text": tcfg,
+        "fusion": {"mode": "blip", "layers": len(cross)},
+        "decoder": {"enabled": bool(dec), "share": share},
+        "embed_dim": state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
+        "momentum": "visual_encoder_m.cls_token" in state,
+    }
+    cfg = model_config_from_dict(deep_merge(data, overrides), where)
+    model = VLPModel(cfg)
+    allow = ("text.", "itc.", "itm_head.") if not text else ("itc.temp",)
+    load_state_strict(model, ours, where, allow_missing=allow)
+    return model
+
+
+def _read_med(path: Path, med_config) -> dict:
+    med_path = Path(med_config) if med_config else path.with_name("med_config.json")
+    med = read_json(med_path) if med_path.is_file() else {}
+    if med_config and not med_path.is_file():
+        raise ConfigError(f"med config {med_path}: no such file")
+    return med
+
+
+def _infer_bert(text: dict, med: dict, where: str) -> dict:
+    width = text["embeddings.word_embeddings.weight"].shape[1]
+    depth = 1 + max(int(k.split(".")[1]) for k in text if k.startswith("layers."))
+    heads = med.get("num_attention_heads")
+    if heads is None:
+        heads = max(1, width // 64)
+        log.warning("%s: no med config; assuming %d attention heads (head width 64, as BERT/BLIP)", where, heads)
+    return {"vocab_size": text["embeddings.word_embeddings.weight"].shape[0], "width": width, "depth": depth,
+            "heads": heads, "intermediate": text["layers.0.mlp.fc1.weight"].shape[0],
+            "max_positions": text["embeddings.position_embeddings.weight"].shape[0],
+            "layer_norm_eps": med.get("layer_norm_eps", 1e-12), "hidden_act": med.get("hidden_act", "gelu"),
+            "pad_token_id": med.get("pad_token_id", 0)}
+
+
+def _vision_config(vis: dict) -> dict:
+    width = vis["cls_token"].shape[-1]
+    patch = vis["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(vis["pos_embed"].shape[1] - 1)
+    return {"image_size": grid * patch, "patch_size": patch, "width": width, "heads": max(1, width // 64),
+            "depth": 1 + max(int(k.split(".")[1]) for k in vis if k.startswith("blocks.")),
+            "mlp_ratio": vis["blocks.0.mlp.fc1.weight"].shape[0] / width, "layer_norm_eps": 1e-6}
+
+
+def _to_ours(state: dict, vis: dict, text: dict, dec: dict, share: bool, where: str) -> dict:
+    """Our state dict: encoders, decoder (its self-attention only when shared), heads, momentum copies."""
+    ours = {**prefixed(vis, "vision."), **prefixed(text, "text.")}
+    if dec:
+        if share:
+            for key, value in dec.items():  # layers.N.self_attn.<rest>
+                if ".self_attn." in key:
+                    idx, rest = key.split(".")[1], key.split(".self_attn.")[1]
+                    ours[f"decoder.self_attn.{idx}.{rest}"] = value
+        else:
+            ours.update(prefixed(dec, "decoder.stack."))
+        ours.update(lm_head_from_bert(sub(state, "text_decoder.cls.predictions."),
+                                      dec["embeddings.word_embeddings.weight"], where))
+    for ours_name, theirs in _RENAMED:
+        ours.update(prefixed(sub(state, theirs), ours_name))
+    ours.update(prefixed(bert_to_ours(sub(state, "text_encoder_m."), where), "momentum.text."))
+    if "temp" in state:
+        ours["itc.temp"] = state["temp"].reshape(())
+    return ours
