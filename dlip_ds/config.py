@@ -1,9 +1,9 @@
-"""Dataclass configs, YAML recipes and dotted command-line overrides.
+"""Dataclass configs and the rules that read them from plain dicts.
 
-A recipe is a YAML file with the sections of `Recipe`. Overrides use dotted keys
-(`--set student.vision.depth=6`); values are parsed as YAML scalars. Every key is
-checked: an unknown key fails with a did-you-mean, wrong types and inconsistent
-sizes fail with the dotted path of the field.
+A recipe (`dlip_ds.recipe` reads the YAML) has the sections of `Recipe`. Every key is checked
+when a dict becomes a config: an unknown key fails with a did-you-mean, a wrong type or a value
+outside a `Literal` enumeration fails with the dotted path of the field. Checks that need only
+the config live here; checks that need the models live in the task and the KD plan.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -39,6 +37,21 @@ _Loader.add_implicit_resolver(
 
 def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
+
+
+# --------------------------------------------------------------------------- enumerations
+# One Literal per enumeration: `_coerce` checks values against it, and the tuple beside it is what
+# code iterates over.
+
+Module = Literal["vision", "text", "fusion", "decoder"]
+LogitOutput = Literal["itc", "itm", "lm"]
+KDKind = Literal["repr", "attn", "logit"]
+AttnKind = Literal["self", "cross"]
+MODULES: tuple[str, ...] = typing.get_args(Module)
+LOGITS: tuple[str, ...] = typing.get_args(LogitOutput)
+KD_KINDS: tuple[str, ...] = typing.get_args(KDKind)
+ATTN_KINDS: tuple[str, ...] = typing.get_args(AttnKind)
+CROSS_MODULES = ("fusion", "decoder")  # the modules whose layers carry cross-attention
 
 
 # --------------------------------------------------------------------------- model
@@ -80,7 +93,7 @@ class TextConfig:
 class FusionConfig:
     # "blip": cross-attention inside the last `layers` text layers (layers == text depth is BLIP).
     # "albef": `layers` extra cross-attention layers stacked after the text encoder.
-    mode: str = "blip"
+    mode: Literal["blip", "albef"] = "blip"
     layers: int = 12
 
 
@@ -126,7 +139,7 @@ class StudentConfig:
 @dataclass
 class TeacherConfig:
     source: str = ""  # anything dlip_ds.load_model takes; empty = pretraining without a teacher
-    dtype: str = "auto"  # auto: fp16 on CUDA, bf16 on CPU
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on CUDA, bf16 on CPU
     tp_size: int = 1
 
 
@@ -148,9 +161,9 @@ class DataConfig:
 
 @dataclass
 class KDTerm:
-    kind: str = "repr"  # repr | attn | logit
-    module: str = "fusion"  # vision | text | fusion | decoder (repr/attn); itc | itm | lm (logit)
-    attn: str = "self"  # self | cross (attn only)
+    kind: KDKind = "repr"
+    module: Module | LogitOutput = "fusion"  # a module for repr/attn, a logit output for logit
+    attn: AttnKind = "self"  # attn only
     layers: Any = "uniform"  # "uniform" | "last-k" | [[student, teacher], ...]
     k: int = 1  # for last-k
     weight: float = 1.0
@@ -164,10 +177,11 @@ class LossConfig:
     itm: float = 1.0
     lm: float = 1.0
     label_smoothing: float = 0.1
-    itc_soft_targets: str = "none"  # none | momentum | teacher
+    itc_soft_targets: Literal["none", "momentum", "teacher"] = "none"
     itc_same_image: bool = False  # ITC targets: captions of one image (image_ids) all positive; false = one-hot
     alpha: float = 0.4
-    hard_negatives_from: str = "teacher"  # teacher | student
+    # a run without a teacher draws them from the student whatever this says
+    hard_negatives_from: Literal["teacher", "student"] = "teacher"
     kd: list[KDTerm] = field(default_factory=list)
 
 
@@ -191,6 +205,7 @@ class TrainConfig:
 @dataclass
 class Recipe:
     name: str = ""
+    task: str = "pretrain"  # a name in dlip_ds.tasks.TASKS: which kind of step the run trains
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,28 +216,24 @@ class Recipe:
 # --------------------------------------------------------------------------- building from dicts
 
 
-def _did_you_mean(key: str, options: typing.Iterable[str]) -> str:
+def did_you_mean(key: str, options: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """`value` read as type `tp` (a config field's annotation), or a ConfigError naming `path`."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        names = [str(a) for a in allowed]
+        raise ConfigError(f"{path} must be {'|'.join(names)}, got {value!r}{did_you_mean(str(value), names)}")
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+        return _coerce_union(value, typing.get_args(tp), path)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -230,16 +241,40 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return from_dict(tp, value, path)
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, origin, typing.get_args(tp), path)
+    return _coerce_scalar(value, tp, path)
+
+
+def _coerce_union(value: Any, args: tuple, path: str) -> Any:
+    literals = [a for a in args if typing.get_origin(a) is Literal]
+    if literals and len(literals) == len(args):  # a union of enumerations is one enumeration
+        return _coerce(value, Literal[tuple(v for a in literals for v in typing.get_args(a))], path)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, path)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+
+
+def _coerce_sequence(value: Any, origin: type, args: tuple, path: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    inner = args[0] if args else Any
+    items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -276,7 +311,7 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"unknown key '{where}'{_did_you_mean(str(key), names)}")
+            raise ConfigError(f"unknown key '{where}'{did_you_mean(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], where)
     return cls(**kwargs)
 
@@ -339,7 +374,7 @@ def validate_model(cfg: ModelConfig, path: str = "model") -> None:
     for name, val in (("vision.depth", v.depth), ("text.depth", t.depth), ("embed_dim", cfg.embed_dim)):
         if val < 1:
             raise ConfigError(f"{path}.{name} must be >= 1, got {val}")
-    if cfg.fusion.mode not in ("blip", "albef"):
+    if cfg.fusion.mode not in ("blip", "albef"):  # also checked here for configs built in code
         raise ConfigError(f"{path}.fusion.mode must be 'blip' or 'albef', got '{cfg.fusion.mode}'")
     if cfg.fusion.layers < 0:
         raise ConfigError(f"{path}.fusion.layers must be >= 0, got {cfg.fusion.layers}")
@@ -350,149 +385,30 @@ def validate_model(cfg: ModelConfig, path: str = "model") -> None:
         )
 
 
-def resolve_student(data: dict, path: str = "student") -> StudentConfig:
-    """`{preset, init, <model fields>}` -> StudentConfig, model fields overriding the preset."""
-    data = dict(data or {})
-    preset = data.pop("preset", "") or ""
-    init = data.pop("init", {}) or {}
-    model = data.pop("model", {}) or {}
-    model = deep_merge(model, data)  # `student.vision.depth` and `student.model.vision.depth` both work
-    base: dict = {}
-    if preset:
-        from dlip_ds.models.presets import preset_dict
+def check_kd_term(term: KDTerm, where: str) -> None:
+    """What one KD term must satisfy whatever the models (the plan checks the rest against them).
 
-        base = preset_dict(preset)
-    return StudentConfig(
-        preset=preset,
-        model=model_config_from_dict(deep_merge(base, model), f"{path}"),
-        init=from_dict(InitConfig, init, f"{path}.init"),
-    )
-
-
-# --------------------------------------------------------------------------- recipes
-
-RECIPE_DIR = "recipes"
-
-
-def shipped_recipes() -> list[str]:
-    root = resources.files("dlip_ds") / RECIPE_DIR
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def _read_recipe_dict(name_or_path: str) -> tuple[dict, Path | None]:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        return load_yaml(path.read_text()) or {}, path
-    res = resources.files("dlip_ds") / RECIPE_DIR / f"{name_or_path}.yaml"
-    if not res.is_file():
-        names = shipped_recipes()
-        raise ConfigError(
-            f"no recipe '{name_or_path}': not a file, and not a shipped recipe{_did_you_mean(name_or_path, names)}; "
-            f"shipped: {', '.join(names)}"
-        )
-    return load_yaml(res.read_text()) or {}, None
-
-
-def load_recipe_dict(name_or_path: str, overrides: typing.Sequence[str] = ()) -> dict:
-    """Raw recipe dict with `base:` inheritance resolved and overrides applied."""
-    data, path = _read_recipe_dict(name_or_path)
-    base = data.pop("base", None)
-    if base:
-        if path is not None and not Path(base).is_absolute() and (path.parent / base).exists():
-            base = str(path.parent / base)
-        data = deep_merge(load_recipe_dict(base), data)
-    for ov in overrides:
-        data = deep_merge(data, parse_override(ov))
-    return data
-
-
-def recipe_from_dict(data: dict) -> Recipe:
-    data = dict(data)
-    student = resolve_student(data.pop("student", {}) or {})
-    recipe = from_dict(Recipe, data)
-    recipe.student = student
-    validate_recipe(recipe)
-    return recipe
-
-
-def load_recipe(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Load a recipe (a YAML path or a shipped recipe name) with dotted overrides, validated."""
-    data = load_recipe_dict(name_or_path, overrides)
-    data.setdefault("name", Path(name_or_path).stem)
-    return recipe_from_dict(data)
-
-
-_KD_KINDS = ("repr", "attn", "logit")
-_KD_MODULES = {"repr": ("vision", "text", "fusion", "decoder"), "attn": ("vision", "text", "fusion", "decoder"),
-               "logit": ("itc", "itm", "lm")}
-
-
-def _is_remote(spec: str) -> bool:
-    return spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or "{" in spec
-
-
-def validate_recipe(r: Recipe) -> None:
-    for i, term in enumerate(r.loss.kd):
-        where = f"loss.kd[{i}]"
-        if term.kind not in _KD_KINDS:
-            raise ConfigError(f"{where}.kind must be one of {_KD_KINDS}, got '{term.kind}'")
-        if term.module not in _KD_MODULES[term.kind]:
-            raise ConfigError(f"{where}.module must be one of {_KD_MODULES[term.kind]} for kind '{term.kind}', got '{term.module}'")
-        if term.kind == "attn" and term.attn not in ("self", "cross"):
+    Recipes run it when they load; `KDPlan` runs it for terms built in code.
+    """
+    if term.kind not in KD_KINDS:
+        raise ConfigError(f"{where}.kind must be {'|'.join(KD_KINDS)}, got '{term.kind}'")
+    allowed = LOGITS if term.kind == "logit" else MODULES
+    if term.module not in allowed:
+        raise ConfigError(f"{where}.module must be one of {allowed} for {term.kind} terms, got '{term.module}'")
+    if term.temperature <= 0:
+        raise ConfigError(f"{where}.temperature must be > 0, got {term.temperature}")
+    if term.kind == "logit":
+        return
+    if term.kind == "attn":
+        if term.attn not in ATTN_KINDS:
             raise ConfigError(f"{where}.attn must be 'self' or 'cross', got '{term.attn}'")
-        if term.kind == "attn" and term.attn == "cross" and term.module not in ("fusion", "decoder"):
-            raise ConfigError(f"{where}: cross-attention exists only in fusion and decoder, not '{term.module}'")
-        if isinstance(term.layers, str):
-            if term.layers not in ("uniform", "last-k"):
-                raise ConfigError(f"{where}.layers must be 'uniform', 'last-k' or a list of [student, teacher] pairs")
-        elif not (isinstance(term.layers, list) and all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in term.layers)):
-            raise ConfigError(f"{where}.layers: expected a list of [student, teacher] integer pairs, got {term.layers!r}")
-        if term.temperature <= 0:
-            raise ConfigError(f"{where}.temperature must be > 0")
-    if r.loss.kd and not r.teacher.source:
-        raise ConfigError("loss.kd lists distillation terms but teacher.source is empty")
-    if r.loss.itc_soft_targets not in ("none", "momentum", "teacher"):
-        raise ConfigError(f"loss.itc_soft_targets must be none|momentum|teacher, got '{r.loss.itc_soft_targets}'")
-    if r.loss.itc_soft_targets == "teacher" and not r.teacher.source:
-        raise ConfigError("loss.itc_soft_targets=teacher needs teacher.source")
-    if r.loss.itc_soft_targets == "momentum" and not r.student.model.momentum:
-        raise ConfigError("loss.itc_soft_targets=momentum needs student.momentum=true")
-    if r.loss.hard_negatives_from not in ("teacher", "student"):
-        raise ConfigError(f"loss.hard_negatives_from must be teacher|student, got '{r.loss.hard_negatives_from}'")
-    if r.loss.hard_negatives_from == "teacher" and not r.teacher.source:
-        r.loss.hard_negatives_from = "student"  # pretraining: there is no teacher to ask
-    if r.teacher.dtype not in ("auto", "fp16", "bf16", "fp32"):
-        raise ConfigError(f"teacher.dtype must be auto|fp16|bf16|fp32, got '{r.teacher.dtype}'")
-    for name in ("batch_size", "workers"):
-        if getattr(r.data, name) < (1 if name == "batch_size" else 0):
-            raise ConfigError(f"data.{name} has an invalid value {getattr(r.data, name)}")
-    if r.data.weights is not None:
-        n = len(r.data.train_shards) if isinstance(r.data.train_shards, list) else 1
-        if len(r.data.weights) != n:
-            raise ConfigError(f"data.weights has {len(r.data.weights)} entries for {n} train_shards sources")
-    if r.data.tokenizer and not Path(r.data.tokenizer).exists() and "/" in r.data.tokenizer \
-            and (r.data.tokenizer.startswith((".", "/", "~"))):
-        raise ConfigError(f"data.tokenizer: no such directory {r.data.tokenizer}")
-    if r.train.max_steps < 1 or r.train.grad_accum < 1:
-        raise ConfigError("train.max_steps and train.grad_accum must be >= 1")
-
-
-def check_local_shards(spec: Any, field_name: str) -> None:
-    """Fail early on local shard specs that point at nothing (remote and brace specs are left to the loader)."""
-    specs = spec if isinstance(spec, list) else [spec]
-    for s in specs:
-        s = str(s)
-        if not s or _is_remote(s):
-            continue
-        if not Path(s).exists():
-            raise ConfigError(f"{field_name}: no such file or directory: {s}")
-
-
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    data = to_dict(recipe)
-    student = data.pop("student")
-    data["student"] = {"preset": student["preset"], "init": student["init"], **student["model"]}
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+        if term.attn == "cross" and term.module not in CROSS_MODULES:
+            raise ConfigError(f"{where}: cross-attention exists only in {' and '.join(CROSS_MODULES)}: "
+                              f"{term.module} layers have no cross-attention")
+    if isinstance(term.layers, str):
+        if term.layers not in ("uniform", "last-k"):
+            raise ConfigError(f"{where}.layers must be 'uniform', 'last-k' or a list of [student, teacher] pairs, "
+                              f"got '{term.layers}'")
+    elif not (isinstance(term.layers, (list, tuple)) and term.layers and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in term.layers)):
+        raise ConfigError(f"{where}.layers: expected [student, teacher] integer pairs, got {term.layers!r}")

@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlip_ds.config import load_recipe
     from dlip_ds.engine.trainer import train
+    from dlip_ds.recipe import load_recipe
 
     overrides = list(args.overrides)
     if args.max_steps is not None:

@@ -6,13 +6,11 @@ from dlip_ds.config import (
     KDTerm,
     ModelConfig,
     Recipe,
-    load_recipe,
     model_config_from_dict,
     parse_override,
-    recipe_from_dict,
-    save_recipe,
     to_dict,
 )
+from dlip_ds.recipe import load_recipe, recipe_from_dict, save_recipe
 
 SMALL_MODEL = {
     "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},
@@ -110,3 +108,33 @@ def test_defaults_are_blip_base_sized():
     cfg = ModelConfig()
     assert (cfg.vision.width, cfg.vision.depth, cfg.text.width, cfg.text.vocab_size) == (768, 12, 768, 30524)
     assert isinstance(Recipe().loss.kd, list)
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ({"loss": {"itc_soft_targets": "momentm"}}, None,
+     r"loss.itc_soft_targets must be none\|momentum\|teacher, got 'momentm' \(did you mean 'momentum'\?\)"),
+    ({"loss": {"hard_negatives_from": "both"}}, None, r"loss.hard_negatives_from must be teacher\|student"),
+    ({"teacher": {"dtype": "fp8"}}, None, r"teacher.dtype must be auto\|fp16\|bf16\|fp32, got 'fp8'"),
+    ({"student": {**SMALL_MODEL, "fusion": {"mode": "late"}}}, None, r"student.fusion.mode must be blip\|albef"),
+    ({"task": "pretrian"}, None, r"task must be .*pretrain.*did you mean 'pretrain'"),
+])
+def test_enumerations_are_checked_where_they_are_read(section, value, message):
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict(section)
+
+
+def test_a_kd_module_is_one_enumeration_of_modules_and_logits():
+    term = recipe_from_dict({"teacher": {"source": "t"}, "loss": {"kd": [{"kind": "logit", "module": "itm"}]}})
+    assert term.loss.kd[0].module == "itm"
+    with pytest.raises(ConfigError, match=r"loss.kd\[0\].module must be vision\|text\|fusion\|decoder\|itc\|itm\|lm"):
+        recipe_from_dict({"teacher": {"source": "t"}, "loss": {"kd": [{"kind": "repr", "module": "fuson"}]}})
+
+
+def test_checking_a_recipe_changes_nothing_in_it():
+    from dlip_ds.recipe import validate_recipe
+
+    r = recipe_from_dict({"student": SMALL_MODEL})  # pretraining: no teacher
+    assert r.loss.hard_negatives_from == "teacher"  # the task draws from the student when no teacher runs
+    before = to_dict(r)
+    validate_recipe(r)
+    assert to_dict(r) == before

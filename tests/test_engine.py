@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from dlip_ds.config import ConfigError, load_recipe
+from dlip_ds.config import ConfigError
 from dlip_ds.engine import distributed
 from dlip_ds.engine.checkpoint import (
     LATEST,
@@ -28,6 +28,7 @@ from dlip_ds.engine.ds_config import (
     zero_stage,
 )
 from dlip_ds.engine.optim import param_groups, warmup_cosine
+from dlip_ds.recipe import load_recipe
 
 # --------------------------------------------------------------------------- DeepSpeed configs
 

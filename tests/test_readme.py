@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dlip_ds.cli import build_parser
-from dlip_ds.config import shipped_recipes
 from dlip_ds.models.presets import PRESETS
+from dlip_ds.recipe import shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -91,6 +91,15 @@ def is_remote(spec: str) -> bool:
     return spec.startswith(("pipe:", "file:")) or "://" in spec
 
 
+def check_local_shards(spec, field_name: str) -> None:
+    """Fail before training on local shard specs that point at nothing; URLs and brace patterns are
+    left to `expand_shards`, which checks each local file it expands to."""
+    for s in spec if isinstance(spec, list) else [spec]:
+        s = str(s)
+        if s and not is_remote(s) and "{" not in s and not Path(s).exists():
+            raise ConfigError(f"{field_name}: no such file or directory: {s}")
+
+
 def expand_shards(spec: str | os.PathLike) -> list[str]:
     """One source -> shard URLs: a directory (its manifest's shards, else its *.tar), a brace
     pattern, a `::`-joined list, a `pipe:` command or a URL. Local files must exist."""
