@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -68,17 +67,18 @@ def set_fused(enabled: bool) -> None:
 
 
 def build(size: dict, shards: Path, device: torch.device):
-    """(engine, teacher, loader iterator, teacher clock, recipe) for the benchmark pair."""
-    from dlip_ds.config import load_recipe
+    """(engine, teacher, loader iterator, span timer, recipe) for the benchmark pair."""
     from dlip_ds.data import make_train_loader, tokenizer_from_config
+    from dlip_ds.engine.build import initialize_engine
     from dlip_ds.engine.ds_config import resolve_ds_config
-    from dlip_ds.engine.step import StepModule
-    from dlip_ds.engine.teacher import StageClock, to_inference
-    from dlip_ds.engine.trainer import initialize_engine
+    from dlip_ds.engine.teacher import to_inference
     from dlip_ds.losses.distill import KDPlan
-    from dlip_ds.models.checkpoints import load_model
+    from dlip_ds.models.load import load_model
     from dlip_ds.models.presets import preset_config
     from dlip_ds.models.vlp import VLPModel
+    from dlip_ds.recipe import load_recipe
+    from dlip_ds.tasks.pretrain import PretrainTask
+    from dlip_ds.timing import SpanTimer
 
     recipe = load_recipe("tiny-distill", [f"data.train_shards={shards}", f"data.batch_size={size['batch']}",
                                           "data.workers=4" if device.type == "cuda" else "data.workers=1",
@@ -94,43 +94,40 @@ def build(size: dict, shards: Path, device: torch.device):
     for term in recipe.loss.kd:  # teacher and student head counts differ: compare relation heads
         if term.kind == "attn":
             term.relation_heads = cfg.text.heads
-    module = StepModule(student, KDPlan(recipe.loss.kd, student, teacher), recipe.loss)
+    task = PretrainTask(student, KDPlan(recipe.loss.kd, student, teacher), recipe.loss)
+    task.timer = SpanTimer(device)
+    task.timer.enabled = True  # every measured step is timed, as the trainer's logging steps are
     teacher = to_inference(teacher, recipe.teacher, device)
-    engine = initialize_engine(module, recipe, resolve_ds_config("zero2_bf16", recipe, world_size=1), device)
+    engine = initialize_engine(task, recipe, resolve_ds_config("zero2_bf16", recipe, world_size=1), device)
     loader = iter(make_train_loader(recipe.data, tokenizer, cfg.vision, seed=0))
-    return engine, teacher, loader, StageClock(teacher, device), recipe
+    return engine, teacher, loader, task.timer, recipe
 
 
-def one_step(engine, teacher, loader, clock, device, dtype, generator) -> dict:
-    from dlip_ds.engine.trainer import _sync, _to_device
+def next_batch(loader, device, dtype):
+    from dlip_ds.tasks.pretrain import PretrainBatch
 
-    t0 = time.perf_counter()
-    batch = next(loader)
-    batch.pop("skipped", None)
-    batch = _to_device(batch, device, dtype)
-    _sync(device)
-    t1 = time.perf_counter()
-    result = engine(batch, teacher=teacher, generator=generator)
-    engine.backward(result.loss)
-    _sync(device)
-    t2 = time.perf_counter()
-    engine.step()
-    _sync(device)
-    t3 = time.perf_counter()
-    teacher_s = clock.take()
-    return {"step": t3 - t0, "data": t1 - t0, "teacher": teacher_s, "student": t2 - t1 - teacher_s,
-            "optimizer": t3 - t2, "tokens": float(result.tokens)}
+    return PretrainBatch.from_dict(next(loader)).to(device, dtype)
+
+
+def one_step(engine, teacher, loader, timer, device, dtype, generator) -> dict:
+    with timer.span("data"):
+        batch = next_batch(loader, device, dtype)
+    with timer.span("forward_backward"):
+        result = engine(batch, teacher=teacher, generator=generator)
+        engine.backward(result.loss)
+    with timer.span("optimizer"):
+        engine.step()
+    s = timer.take()
+    return {"step": s["data"] + s["forward_backward"] + s["optimizer"], "data": s["data"], "teacher": s["teacher"],
+            "student": s["forward_backward"] - s["teacher"], "optimizer": s["optimizer"],
+            "tokens": float(result.tokens)}
 
 
 def count_flops(engine, teacher, loader, device, dtype, generator) -> float:
     """Model FLOPs of one step (teacher forward, student forward + backward), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dlip_ds.engine.trainer import _to_device
-
-    batch = next(loader)
-    batch.pop("skipped", None)
-    batch = _to_device(batch, device, dtype)
+    batch = next_batch(loader, device, dtype)
     with FlopCounterMode(display=False) as counter:
         result = engine(batch, teacher=teacher, generator=generator)
         engine.backward(result.loss)
@@ -202,20 +199,20 @@ def main() -> int:
     device = env.device
     with tempfile.TemporaryDirectory() as tmp:
         synth(Path(tmp) / "synth", train=size["samples"], test=1, image_size=size["image_size"], shard_size=256)
-        engine, teacher, loader, clock, _ = build(size, Path(tmp) / "synth" / "train", device)
+        engine, teacher, loader, timer, _ = build(size, Path(tmp) / "synth" / "train", device)
         dtype = next(engine.parameters()).dtype
         generator = torch.Generator(device=device).manual_seed(0)
         for _ in range(size["warmup"]):
-            one_step(engine, teacher, loader, clock, device, dtype, generator)
+            one_step(engine, teacher, loader, timer, device, dtype, generator)
         flops = count_flops(engine, teacher, loader, device, dtype, generator)
-        clock.take()
+        timer.take()
         results = {"fused_on": [], "fused_off": []}
         per_block = max(1, size["steps"] // args.rounds)
         for _ in range(args.rounds):
             for name in results:
                 set_fused(name == "fused_on")
-                one_step(engine, teacher, loader, clock, device, dtype, generator)  # settle after a switch
-                results[name] += [one_step(engine, teacher, loader, clock, device, dtype, generator)
+                one_step(engine, teacher, loader, timer, device, dtype, generator)  # settle after a switch
+                results[name] += [one_step(engine, teacher, loader, timer, device, dtype, generator)
                                   for _ in range(per_block)]
         student = engine.module.student
         params = {"teacher": sum(p.numel() for p in teacher.parameters()),

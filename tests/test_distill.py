@@ -11,6 +11,7 @@ import torch
 
 from dlip_ds.config import ConfigError, KDTerm
 from dlip_ds.losses.distill import KDPlan, default_kd_terms, resolve_layer_map
+from dlip_ds.losses.kd_inputs import ItcSims, KDInputs, KDMasks, LMHeadInputs
 from dlip_ds.models.presets import preset_config
 from dlip_ds.models.vlp import TapRequest, VLPModel
 
@@ -218,8 +219,9 @@ def test_repr_and_attention_terms_match_naive(models):
     t_dec = {"self_qk": {2: (_rand(b, 4, n, 12, seed=5), _rand(b, 4, n, 12, seed=6))}}
     s_fus = {"cross_qk": {0: (_rand(b, 2, n, 16, seed=7), _rand(b, 2, nv, 16, seed=8))}}
     t_fus = {"cross_qk": {2: (_rand(b, 4, n, 12, seed=9), _rand(b, 4, nv, 12, seed=20))}}
-    out = plan({"text": s_text, "decoder": s_dec, "fusion": s_fus}, {"text": t_text, "decoder": t_dec, "fusion": t_fus},
-               {"text": pad, "decoder": pad, "fusion": pad})
+    out = plan(KDInputs(taps={"text": s_text, "decoder": s_dec, "fusion": s_fus}),
+               KDInputs(taps={"text": t_text, "decoder": t_dec, "fusion": t_fus}),
+               KDMasks(text=pad, decoder=pad, fusion=pad))
     proj = plan.projections["kd_repr_text"]
     expected = naive_repr([s_text["hidden"][0], s_text["hidden"][1]], [t_text["hidden"][1], t_text["hidden"][2]],
                           [proj.weight_0, proj.weight_1], [proj.bias_0, proj.bias_1], pad)
@@ -246,7 +248,8 @@ def test_logit_terms_match_naive(models):
     lm_mask = torch.zeros(b, n, dtype=torch.bool)
     lm_mask[:, -1] = True
     lm_mask[0, :2] = True
-    out = plan({"itc": s_itc, "itm": s_itm, "lm": s_lm}, {"itc": t_itc, "itm": t_itm, "lm": t_lm}, {"lm": lm_mask})
+    out = plan(KDInputs(itc=ItcSims(*s_itc), itm=s_itm, lm=LMHeadInputs(*s_lm)),
+               KDInputs(itc=ItcSims(*t_itc), itm=t_itm, lm=LMHeadInputs(*t_lm)), KDMasks(lm=lm_mask))
     expected = (naive_logit_kl(s_itc[0], t_itc[0], 2.0) + naive_logit_kl(s_itc[1], t_itc[1], 2.0)) / 2
     assert abs(out["kd_logit_itc"].item() - expected) < 1e-5
     assert abs(out["kd_logit_itm"].item() - naive_logit_kl(s_itm, t_itm)) < 1e-5

@@ -197,7 +197,7 @@ def _encoders(seed: int = 0):
 
 
 def _itc_on(images, texts, w_img, w_txt, rank: int):
-    """ITC of local queries against gathered keys (the StepModule's form) with linear encoders."""
+    """ITC of local queries against gathered keys (the pretraining task's form) with linear encoders."""
     img, txt = F.normalize(images @ w_img, dim=-1), F.normalize(texts @ w_txt, dim=-1)
     img_all, txt_all = gather_features(img), gather_features(txt)
     targets = itc_targets(None, None, img_all.shape[0], rank * img.shape[0], img.shape[0])

@@ -1,4 +1,4 @@
-"""StepModule on the test-tiny preset: pretraining and distillation terms against naive
+"""PretrainTask on the test-tiny preset: pretraining and distillation terms against naive
 re-computations from the models' own task methods and taps; gradients; teacher dtypes."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from test_distill import (
 from test_losses import naive_ce_rows, naive_softmax
 
 from dlip_ds.config import ConfigError, KDTerm, LossConfig
-from dlip_ds.engine.step import StepModule
 from dlip_ds.losses.distill import KDPlan, default_kd_terms
 from dlip_ds.losses.pretrain import sample_hard_negatives
+from dlip_ds.tasks.pretrain import PretrainTask
 
 B, L = 4, 7
 
@@ -74,7 +74,7 @@ def local_pairs(model, batch, seed):
 def test_pretraining_terms_match_naive():
     torch.manual_seed(0)
     student = tiny_model()
-    step = StepModule(student, None, LossConfig(hard_negatives_from="student", itc=1.0, itm=0.5, lm=2.0))
+    step = PretrainTask(student, None, LossConfig(hard_negatives_from="student", itc=1.0, itm=0.5, lm=2.0))
     batch = make_batch()
     out = step(batch, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_pretraining_terms_match_naive():
     again = step(batch, generator=torch.Generator().manual_seed(7))  # the pair plan is deterministic
     assert again.loss.item() == out.loss.item()
     # captions of one image (image_ids 1, 1) are both positives when asked
-    same = StepModule(student, None, LossConfig(hard_negatives_from="student", itc_same_image=True))(batch)
+    same = PretrainTask(student, None, LossConfig(hard_negatives_from="student", itc_same_image=True))(batch)
     ids = batch["image_ids"]
     targets = (ids[:, None] == ids[None, :]).double()
     targets = targets / targets.sum(1, keepdim=True)
@@ -117,7 +117,7 @@ def distill_run():
     torch.manual_seed(0)
     student, teacher = tiny_model(), tiny_teacher()
     plan = KDPlan(default_kd_terms() + ATTN_TERMS, student, teacher)
-    step = StepModule(student, plan, LossConfig(hard_negatives_from="teacher"))
+    step = PretrainTask(student, plan, LossConfig(hard_negatives_from="teacher"))
     batch = make_batch(1)
     out = step(batch, teacher=teacher, generator=torch.Generator().manual_seed(3))
     out.loss.backward()
@@ -189,7 +189,7 @@ def test_bf16_teacher_matches_fp32_teacher():
     torch.manual_seed(0)
     student, teacher = tiny_model(), tiny_teacher()
     plan = KDPlan(default_kd_terms() + ATTN_TERMS[:1], student, teacher)
-    step = StepModule(student, plan, LossConfig(hard_negatives_from="student"))
+    step = PretrainTask(student, plan, LossConfig(hard_negatives_from="student"))
     batch = make_batch(2)
     ref = step(batch, teacher=teacher, generator=torch.Generator().manual_seed(0))
     low = step(batch, teacher=teacher.to(torch.bfloat16), generator=torch.Generator().manual_seed(0))
@@ -210,7 +210,7 @@ def test_teacher_soft_targets():
     torch.manual_seed(0)
     student, teacher = tiny_model(), tiny_teacher()
     alpha = 0.4
-    step = StepModule(student, None, LossConfig(itc_soft_targets="teacher", alpha=alpha, itm=0.0, lm=0.0))
+    step = PretrainTask(student, None, LossConfig(itc_soft_targets="teacher", alpha=alpha, itm=0.0, lm=0.0))
     batch = make_batch(3)
     out = step(batch, teacher=teacher)
     assert set(out.terms) == {"raw/itc", "weighted/itc"}
@@ -233,7 +233,7 @@ def test_momentum_queue_soft_targets():
     student = tiny_model(momentum=True, queue_size=6)
     student.reset_momentum()
     alpha = 0.4
-    step = StepModule(student, None, LossConfig(itc_soft_targets="momentum", alpha=alpha, itm=0.0, lm=0.0,
+    step = PretrainTask(student, None, LossConfig(itc_soft_targets="momentum", alpha=alpha, itm=0.0, lm=0.0,
                                                 hard_negatives_from="student"))
     assert {"queue.image_feat", "queue.ptr"} <= set(step.state_dict())
     b1, b2 = make_batch(4), make_batch(5)
@@ -262,14 +262,14 @@ def test_step_errors():
     student, teacher = tiny_model(), tiny_teacher()
     plan = KDPlan([KDTerm(kind="repr", module="vision")], student, teacher)
     with pytest.raises(ValueError, match="no teacher was given"):
-        StepModule(student, plan, LossConfig())(make_batch())
+        PretrainTask(student, plan, LossConfig())(make_batch())
     with pytest.raises(ConfigError, match=r"loss\.itm > 0 but the student has no fusion"):
-        StepModule(tiny_model(**{"fusion.layers": 0}), None, LossConfig())
+        PretrainTask(tiny_model(**{"fusion.layers": 0}), None, LossConfig())
     with pytest.raises(ConfigError, match=r"loss\.lm > 0 but the student has no decoder"):
-        StepModule(tiny_model(**{"decoder.enabled": False}), None, LossConfig())
+        PretrainTask(tiny_model(**{"decoder.enabled": False}), None, LossConfig())
     with pytest.raises(ConfigError, match="needs student.momentum=true"):
-        StepModule(student, None, LossConfig(itc_soft_targets="momentum"))
+        PretrainTask(student, None, LossConfig(itc_soft_targets="momentum"))
     batch = make_batch()
     del batch["lm_labels"]
     with pytest.raises(KeyError, match="lm_labels"):
-        StepModule(student, None, LossConfig(hard_negatives_from="student"))(batch)
+        PretrainTask(student, None, LossConfig(hard_negatives_from="student"))(batch)

@@ -36,7 +36,8 @@ def assets(tmp_path_factory):
     """Synthetic shards (32 px), their tokenizer, and a tiny teacher saved in the export format."""
     from dlip_ds.data import load_tokenizer
     from dlip_ds.data.synth import synth
-    from dlip_ds.models.checkpoints import load_model, save_model
+    from dlip_ds.models.dlip_format import save_model
+    from dlip_ds.models.load import load_model
 
     root = tmp_path_factory.mktemp("engine")
     synth(root / "synth", train=48, test=8, image_size=32, shard_size=16)
@@ -83,17 +84,20 @@ def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 def _parity_worker(args: argparse.Namespace) -> None:
     """Run `steps` steps of one fixed global batch, split over the ranks, for each ZeRO stage (and a
     plain PyTorch loop when asked); rank 0 writes {name: [loss per step]} (loss averaged over ranks)."""
-    from dlip_ds.config import load_recipe
     from dlip_ds.data import load_tokenizer, make_epoch_loader
+    from dlip_ds.engine.build import build_task, fit_to_tokenizer, initialize_engine
     from dlip_ds.engine.distributed import init_distributed, mean_over_ranks
     from dlip_ds.engine.ds_config import resolve_ds_config
     from dlip_ds.engine.optim import build_optimizer, build_scheduler, param_groups
-    from dlip_ds.engine.trainer import _to_device, build_step_module, initialize_engine
+    from dlip_ds.engine.trainer import momentum_update_all_ranks
+    from dlip_ds.recipe import load_recipe
+    from dlip_ds.tasks.pretrain import PretrainBatch
 
     env = init_distributed()
     assets = Path(args.assets)
-    recipe = load_recipe("tiny-distill", [o for o in _overrides(assets, *args.set) if o != "--set"])
     tokenizer = load_tokenizer(assets / "synth" / "tokenizer")
+    recipe = fit_to_tokenizer(load_recipe("tiny-distill", [o for o in _overrides(assets, *args.set) if o != "--set"]),
+                              tokenizer)
     batch = next(iter(make_epoch_loader(str(assets / "synth" / "train"), recipe.data, tokenizer,
                                         recipe.student.model.vision, batch_size=args.global_batch, workers=0)))
     batch.pop("skipped", None)
@@ -102,7 +106,7 @@ def _parity_worker(args: argparse.Namespace) -> None:
     recipe.data.batch_size = per_rank
     results = {}
     for name in args.runs:
-        teacher, module = build_step_module(recipe, tokenizer, env.device)
+        teacher, module = build_task(recipe, env.device)
         if name == "torch":  # the reference: no DeepSpeed at all
             opt = build_optimizer(param_groups(module, recipe.train.weight_decay), recipe.train.lr, offload=False,
                                   device=env.device)
@@ -127,7 +131,8 @@ def _parity_worker(args: argparse.Namespace) -> None:
         losses = []
         for _ in range(args.steps):
             if name == "torch":
-                result = module(_to_device(local, env.device, torch.float32), teacher=teacher, generator=generator)
+                result = module(PretrainBatch.from_dict(local).to(env.device, torch.float32), teacher=teacher,
+                                generator=generator)
                 opt.zero_grad()
                 result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(module.parameters(), recipe.train.grad_clip)
@@ -136,13 +141,11 @@ def _parity_worker(args: argparse.Namespace) -> None:
                 if module.student.cfg.momentum:
                     module.student.momentum_update()
             else:
-                result = engine(_to_device(local, env.device, dtype), teacher=teacher, generator=generator)
+                result = engine(PretrainBatch.from_dict(local).to(env.device, dtype), teacher=teacher, generator=generator)
                 engine.backward(result.loss)
                 engine.step()
                 if module.student.cfg.momentum:
-                    from dlip_ds.engine.trainer import _momentum_update
-
-                    _momentum_update(module.student, name.startswith("zero3"))
+                    momentum_update_all_ranks(module.student, zero3=name.startswith("zero3"))
             losses.append(float(mean_over_ranks(result.loss.detach().float().reshape(1))))
         results[name] = losses
         if module.student.cfg.momentum:  # how far the EMA moved, and how far from the reference's
@@ -160,9 +163,9 @@ def _parity_worker(args: argparse.Namespace) -> None:
 
 
 def _initial_momentum(recipe, tokenizer, env):
-    from dlip_ds.engine.trainer import build_step_module
+    from dlip_ds.engine.build import build_task
 
-    return list(build_step_module(recipe, tokenizer, env.device)[1].student.momentum.parameters())
+    return list(build_task(recipe, env.device)[1].student.momentum.parameters())
 
 
 def _parity(assets: Path, out: Path, runs: list[str], *, ranks: int, sets: list[str], dtype: str = "fp32",
@@ -321,7 +324,7 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_exits_cleanly_then_resumes(asse
     one sharded checkpoint, exit 0; `--resume auto` continues and exports the consolidated student."""
     import psutil
 
-    from dlip_ds.config import load_recipe
+    from dlip_ds.recipe import load_recipe
 
     run_dir = tmp_path / "run"
     extra = ("train.ckpt_every=1000", "train.max_steps=1000", "data.batch_size=2")  # stopped long before
@@ -361,10 +364,10 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_exits_cleanly_then_resumes(asse
 
 NONFINITE_SCRIPT = """
 import sys, torch
-from dlip_ds.engine import step
+from dlip_ds.tasks import base
 from dlip_ds import train
 
-forward, calls = step.StepModule.forward, [0]
+forward, calls = base.Task.forward, [0]
 
 class InfGrad(torch.autograd.Function):
     @staticmethod
@@ -383,7 +386,7 @@ def flaky(self, *args, **kwargs):  # call 2: NaN loss; call 4: finite loss with 
         out.loss = InfGrad.apply(out.loss)
     return out
 
-step.StepModule.forward = flaky
+base.Task.forward = flaky
 sys.exit(train.main(sys.argv[1:]))
 """
 

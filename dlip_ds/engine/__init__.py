@@ -1,4 +1,6 @@
-"""Training on DeepSpeed: the frozen teacher, the sharded student loop, checkpoints, monitoring.
+"""Training on DeepSpeed: the loop (`trainer`), how a run is built (`build`), the frozen teacher,
+checkpoints, metrics and monitoring, evaluation during training, the process group.
 
-`step.py` is one step's forward (StepModule); `trainer.py` runs steps; the other modules serve it.
+A step's forward is a task's (`dlip_ds.tasks`); functions named `*_all_ranks` / `*_over_ranks` run
+collectives, so every rank must call them together.
 """

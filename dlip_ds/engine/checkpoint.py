@@ -186,8 +186,8 @@ def consolidated_student_state(checkpoint_dir: str | Path, tag: str) -> dict[str
 
 def student_from_state(model_cfg, state: dict[str, torch.Tensor], source: str):
     """A fresh fp32 VLPModel holding `state` (a trained student's weights)."""
-    from dlip_ds.models.checkpoints import load_state_strict
     from dlip_ds.models.vlp import VLPModel
+    from dlip_ds.models.weights import load_state_strict
 
     model = VLPModel(model_cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -203,7 +203,7 @@ def student_from_checkpoint(model_cfg, checkpoint_dir: Path, tag: str):
 
 def export_student(model_cfg, checkpoint_dir: Path, tag: str, out_dir: Path, tokenizer=None) -> Path:
     """Write the exported-model directory (design card section 4) from a checkpoint."""
-    from dlip_ds.models.checkpoints import save_model
+    from dlip_ds.models.dlip_format import save_model
 
     return save_model(student_from_checkpoint(model_cfg, checkpoint_dir, tag), out_dir, tokenizer=tokenizer)
 
@@ -211,9 +211,9 @@ def export_student(model_cfg, checkpoint_dir: Path, tag: str, out_dir: Path, tok
 def load_run_student(run_dir: str | Path):
     """(VLPModel, tokenizer or None) of a training run: its exported `student/`, or, for a run that
     stopped before exporting, the student consolidated from its latest checkpoint."""
-    from dlip_ds.config import load_recipe
     from dlip_ds.data import load_tokenizer, tokenizer_from_config
-    from dlip_ds.models.checkpoints import load_model
+    from dlip_ds.models.load import load_model
+    from dlip_ds.recipe import load_recipe
 
     run_dir = Path(run_dir)
     student_dir = run_dir / "student"

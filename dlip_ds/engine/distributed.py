@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,16 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     values = values.detach().clone()
     torch.distributed.all_reduce(values)
     return values / torch.distributed.get_world_size()
+
+
+def sum_counts_over_ranks(counts: Counter) -> Counter:
+    """Sum of every rank's counts (the keys may differ between ranks)."""
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, dict(counts))
+    total: Counter = Counter()
+    for part in gathered:
+        total.update(part)
+    return total
 
 
 def barrier() -> None:

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlip_ds.config import ConfigError, KDTerm
+from dlip_ds.config import MODULES, ConfigError, KDTerm, check_kd_term
 from dlip_ds.kernels import attention_kd_loss, linear_kd_loss, repr_kd_loss
+from dlip_ds.losses.kd_inputs import KDInputs, KDMasks
 from dlip_ds.models.vlp import TapRequest
-
-MODULES = ("vision", "text", "fusion", "decoder")
-LOGITS = ("itc", "itm", "lm")
 
 
 def default_kd_terms() -> list[KDTerm]:
@@ -107,13 +105,8 @@ def _info(model, module: str, who: str, where: str):
 
 def _check_term(term: KDTerm, student, teacher, where: str) -> tuple[tuple[int, int], ...]:
     """Validate one term against both models; return its layer pairs."""
-    if term.kind not in ("repr", "attn", "logit"):
-        raise ConfigError(f"{where}.kind must be repr|attn|logit, got '{term.kind}'")
+    check_kd_term(term, where)
     if term.kind == "logit":
-        if term.module not in LOGITS:
-            raise ConfigError(f"{where}.module must be one of {LOGITS} for logit terms, got '{term.module}'")
-        if term.temperature <= 0:
-            raise ConfigError(f"{where}.temperature must be > 0, got {term.temperature}")
         if term.module == "itm":
             _info(student, "fusion", "student", where), _info(teacher, "fusion", "teacher", where)
         if term.module == "lm":
@@ -123,8 +116,6 @@ def _check_term(term: KDTerm, student, teacher, where: str) -> tuple[tuple[int, 
                 raise ConfigError(f"{where}: LM distillation needs one vocabulary, student has {v_s} tokens "
                                   f"and teacher {v_t}")
         return ()
-    if term.module not in MODULES:
-        raise ConfigError(f"{where}.module must be one of {MODULES}, got '{term.module}'")
     s_info = _info(student, term.module, "student", where)
     t_info = _info(teacher, term.module, "teacher", where)
     image_tokens = term.module == "vision" or (term.kind == "attn" and term.attn == "cross")
@@ -134,25 +125,25 @@ def _check_term(term: KDTerm, student, teacher, where: str) -> tuple[tuple[int, 
                           "image tokens do not align")
     pairs = tuple(resolve_layer_map(term.layers, term.k, s_info.depth, t_info.depth, where))
     if term.kind == "attn":
-        if term.attn not in ("self", "cross"):
-            raise ConfigError(f"{where}.attn must be 'self' or 'cross', got '{term.attn}'")
-        if term.attn == "cross" and not (s_info.has_cross and t_info.has_cross):
-            who = "student" if not s_info.has_cross else "teacher"
-            raise ConfigError(f"{where}: the {who}'s {term.module} layers have no cross-attention")
-        if term.temperature <= 0:
-            raise ConfigError(f"{where}.temperature must be > 0, got {term.temperature}")
-        r = term.relation_heads
-        if r is None:
-            if s_info.heads != t_info.heads:
-                raise ConfigError(f"{where}: student has {s_info.heads} heads and teacher {t_info.heads} in "
-                                  f"{term.module}; set relation_heads to a count dividing both widths")
-        else:
-            for who, info in (("student", s_info), ("teacher", t_info)):
-                channels = info.heads * info.head_dim
-                if r < 1 or channels % r:
-                    raise ConfigError(f"{where}.relation_heads={r} does not divide the {who}'s {channels} "
-                                      f"attention channels in {term.module}")
+        _check_attention(term, s_info, t_info, where)
     return pairs
+
+
+def _check_attention(term: KDTerm, s_info, t_info, where: str) -> None:
+    if term.attn == "cross" and not (s_info.has_cross and t_info.has_cross):
+        who = "student" if not s_info.has_cross else "teacher"
+        raise ConfigError(f"{where}: the {who}'s {term.module} layers have no cross-attention")
+    r = term.relation_heads
+    if r is None:
+        if s_info.heads != t_info.heads:
+            raise ConfigError(f"{where}: student has {s_info.heads} heads and teacher {t_info.heads} in "
+                              f"{term.module}; set relation_heads to a count dividing both widths")
+        return
+    for who, info in (("student", s_info), ("teacher", t_info)):
+        channels = info.heads * info.head_dim
+        if r < 1 or channels % r:
+            raise ConfigError(f"{where}.relation_heads={r} does not divide the {who}'s {channels} "
+                              f"attention channels in {term.module}")
 
 
 class ReprProjection(nn.Module):
@@ -193,13 +184,8 @@ def _pair_tensors(taps_s: dict, taps_t: dict, kind: str, pairs, where: str) -> t
 class KDPlan(nn.Module):
     """Distillation terms resolved against one student/teacher pair (docs/architecture.md section 5).
 
-    `plan(student_taps, teacher_taps, masks)` takes, for each model, a dict with the `taps` of each
-    stage under "vision", "text", "fusion", "decoder", and the logit-level outputs:
-    "itc": (sim_i2t [B, K], sim_t2i [B, K]) each divided by the model's temperature,
-    "itm": ITM logits [3B, 2] on the planned pairs,
-    "lm": (lm_features [B, L, D], weight [V, D], bias [V]) of the decoder on the positives.
-    `masks` holds padding masks (True = padding) for "text", "fusion" ([3B, L], the planned pairs),
-    "decoder", and "lm" (True = position predicts no label).
+    `plan(student, teacher, masks)` takes each model's `KDInputs` (the taps of each stage and the
+    logit-level outputs a task produced) and the `KDMasks`, and returns one loss per term.
     """
 
     def __init__(self, terms: list[KDTerm], student, teacher):
@@ -243,22 +229,21 @@ class KDPlan(nn.Module):
 
         return requests("student"), requests("teacher")
 
-    def forward(self, student_taps: dict, teacher_taps: dict, masks: dict) -> dict[str, Tensor]:
+    def forward(self, student: KDInputs, teacher: KDInputs, masks: KDMasks) -> dict[str, Tensor]:
+        """One unweighted loss per term, named as in `self.terms`."""
         losses = {}
         for r in self.terms:
             term, where = r.term, f"KD term '{r.name}'"
             if term.kind == "logit":
-                losses[r.name] = self._logit(term, student_taps[term.module], teacher_taps[term.module],
-                                             masks.get("lm"))
+                losses[r.name] = self._logit(term, student, teacher, masks.lm)
                 continue
-            mask = masks.get(term.module)
+            mask = masks.of(term.module)
+            taps_s, taps_t = student.taps.get(term.module, {}), teacher.taps.get(term.module, {})
             if term.kind == "repr":
-                h_s, h_t = _pair_tensors(student_taps[term.module], teacher_taps[term.module], "hidden",
-                                         r.pairs, where)
+                h_s, h_t = _pair_tensors(taps_s, taps_t, "hidden", r.pairs, where)
                 losses[r.name] = self.projections[r.name](h_s, h_t, mask)
                 continue
-            qk_s, qk_t = _pair_tensors(student_taps[term.module], teacher_taps[term.module],
-                                       f"{term.attn}_qk", r.pairs, where)
+            qk_s, qk_t = _pair_tensors(taps_s, taps_t, f"{term.attn}_qk", r.pairs, where)
             if term.attn == "cross":  # text queries on image keys: every key is real, rows may be padding
                 kw = {"key_padding_mask": None, "query_padding_mask": mask}
             else:
@@ -270,13 +255,14 @@ class KDPlan(nn.Module):
         return losses
 
     @staticmethod
-    def _logit(term: KDTerm, out_s, out_t, lm_mask: Tensor | None) -> Tensor:
+    def _logit(term: KDTerm, student: KDInputs, teacher: KDInputs, lm_mask: Tensor | None) -> Tensor:
         temp = term.temperature
         if term.module == "itc":
-            (i2t_s, t2i_s), (i2t_t, t2i_t) = out_s, out_t
-            return (_logit_kl(i2t_s, i2t_t, temp) + _logit_kl(t2i_s, t2i_t, temp)) / 2
+            s, t = student.itc, teacher.itc
+            return (_logit_kl(s.i2t, t.i2t, temp) + _logit_kl(s.t2i, t.t2i, temp)) / 2
         if term.module == "itm":
-            return _logit_kl(out_s, out_t, temp)
-        (h_s, w_s, b_s), (h_t, w_t, b_t) = out_s, out_t
-        return linear_kd_loss(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, mask=lm_mask, temperature=temp)
+            return _logit_kl(student.itm, teacher.itm, temp)
+        s, t = student.lm, teacher.lm
+        return linear_kd_loss(s.features, s.weight, t.features, t.weight, b_s=s.bias, b_t=t.bias, mask=lm_mask,
+                              temperature=temp)
 
