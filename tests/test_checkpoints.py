@@ -11,12 +11,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import dlip_ds
-from dlip_ds.config import ConfigError, InitConfig, model_config_from_dict
+from dlip_ds.config import ConfigError, InitConfig
 from dlip_ds.models.dlip_format import save_model
 from dlip_ds.models.hf_blip import export_hf_blip
 from dlip_ds.models.init import init_student, pick_layers
-from dlip_ds.models.presets import preset_dict
-from dlip_ds.models.vlp import VLPModel
 
 SIZES = {
     "narrow": {
@@ -153,16 +151,14 @@ def test_generation_matches_transformers(hf_models, size):
 # --------------------------------------------------------------------------- transformers BLIP out
 
 
-def tiny(**over) -> VLPModel:
-    torch.manual_seed(0)
-    d = preset_dict("test-tiny")
-    for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
-    return perturbed(VLPModel(model_config_from_dict(d)), 3)
+@pytest.fixture
+def tiny(tiny_model):
+    """tiny(**overrides): conftest's test-tiny (seed 0), then perturbed like the transformers references."""
+    return lambda **over: perturbed(tiny_model(**over), 3)
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_export_hf_round_trip(tmp_path, share):
+def test_export_hf_round_trip(tmp_path, share, tiny):
     ours = tiny(decoder={"share": share})
     px, ids, mask = inputs("narrow")
     ids = ids.clamp(max=120)
@@ -183,7 +179,7 @@ def test_export_hf_round_trip(tmp_path, share):
         assert max_diff(back.lm_logits(px, ids, mask), ours.lm_logits(px, ids, mask)) <= TOL
 
 
-def test_export_hf_refuses_other_topologies(tmp_path):
+def test_export_hf_refuses_other_topologies(tmp_path, tiny):
     with pytest.raises(ConfigError, match="fusion.mode='albef'"):
         export_hf_blip(tiny(fusion={"mode": "albef", "layers": 1}), tmp_path)
     with pytest.raises(ConfigError, match="fusion.layers=1 < text.depth=2"):
@@ -301,7 +297,7 @@ def test_refuses_pickled_objects(tmp_path):
 # --------------------------------------------------------------------------- our format
 
 
-def test_our_format_round_trip_and_strict_keys(tmp_path):
+def test_our_format_round_trip_and_strict_keys(tmp_path, tiny):
     ours = tiny(momentum=True)
     save_model(ours, tmp_path / "m")
     back = dlip_ds.load_model(tmp_path / "m")
@@ -333,7 +329,7 @@ def test_our_format_round_trip_and_strict_keys(tmp_path):
 # --------------------------------------------------------------------------- student initialisation
 
 
-def test_vision_from_timm_file_matches_timm_features(tmp_path):
+def test_vision_from_timm_file_matches_timm_features(tmp_path, tiny):
     import timm
     ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3,
                                                            num_heads=3, num_classes=10)
@@ -353,7 +349,7 @@ def test_vision_from_timm_file_matches_timm_features(tmp_path):
         init_student(tiny(), InitConfig(vision=f"timm:{tmp_path / 'vit.pth'}"))
 
 
-def test_text_from_bert_directory_matches_bert(tmp_path):
+def test_text_from_bert_directory_matches_bert(tmp_path, tiny):
     cfg = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=128, max_position_embeddings=64)
     bert = perturbed(transformers.BertModel(cfg), 6)
@@ -370,7 +366,7 @@ def test_text_from_bert_directory_matches_bert(tmp_path):
         init_student(tiny(text={"width": 64, "intermediate": 256}), InitConfig(text=f"bert:{tmp_path / 'bert'}"))
 
 
-def test_inherit_every_kth_teacher_layer():
+def test_inherit_every_kth_teacher_layer(tiny):
     assert pick_layers(12, 6) == [1, 3, 5, 7, 9, 11] and pick_layers(4, 4) == [0, 1, 2, 3]
     teacher = tiny(vision={"depth": 4}, text={"depth": 4}, fusion={"layers": 4})
     student = tiny(vision={"depth": 2}, text={"depth": 2}, fusion={"layers": 1}, momentum=True)
@@ -390,7 +386,7 @@ def test_inherit_every_kth_teacher_layer():
 # --------------------------------------------------------------------------- CLI
 
 
-def test_export_cli(tmp_path, capsys):
+def test_export_cli(tmp_path, capsys, tiny):
     from dlip_ds.cli import main
 
     save_model(tiny(), tmp_path / "src")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import write_vocab
 from PIL import Image
 
 from dlip_ds.config import DataConfig, VisionConfig
@@ -61,9 +62,7 @@ def huge_png_header():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vocab")
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return load_tokenizer(d)
+    return load_tokenizer(write_vocab(tmp_path_factory.mktemp("vocab"), WORDS))
 
 
 def cfg(**kw):

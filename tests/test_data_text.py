@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from helpers import write_vocab
 
 from dlip_ds.config import ConfigError
 from dlip_ds.data.text import clean_caption, encode_captions, load_tokenizer
@@ -36,8 +37,7 @@ def test_clean_caption_matches_blip(text):
 def vocab_dir(tmp_path):
     d = tmp_path / "vocab"
     d.mkdir()
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return d
+    return write_vocab(d, WORDS)
 
 
 def test_load_tokenizer_adds_dec_then_enc(vocab_dir):
@@ -115,7 +115,7 @@ def test_load_tokenizer_hub_name_from_local_cache(tmp_path):
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    (snapshot / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    write_vocab(snapshot, WORDS)
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     code = ("from dlip_ds.data.text import load_tokenizer; t = load_tokenizer('someorg/tiny-bert'); "
             "print(len(t), t.enc_token_id, t.convert_ids_to_tokens(t('a red circle').input_ids))")

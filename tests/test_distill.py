@@ -3,99 +3,16 @@ against naive re-computations (explicit loops over rows and tokens)."""
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import pytest
 import torch
+from helpers import naive_attention_kl, naive_logit_kl, naive_repr
 
 from dlip_ds.config import ConfigError, KDTerm
 from dlip_ds.losses.distill import KDPlan, default_kd_terms, resolve_layer_map
 from dlip_ds.losses.kd_inputs import ItcSims, KDInputs, KDMasks, LMHeadInputs
-from dlip_ds.models.presets import preset_config
-from dlip_ds.models.vlp import TapRequest, VLPModel
-
-# --------------------------------------------------------------------------- tiny models
-
-
-def tiny_model(**changes) -> VLPModel:
-    """test-tiny with dotted changes, e.g. tiny_model(**{"text.heads": 4})."""
-    cfg = preset_config("test-tiny")
-    for key, value in changes.items():
-        obj = cfg
-        *path, last = key.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return VLPModel(cfg)
-
-
-def tiny_teacher() -> VLPModel:
-    """Deeper, wider and with more heads than test-tiny (relation heads needed for attention terms)."""
-    return tiny_model(**{"vision.width": 48, "vision.depth": 3, "vision.heads": 4, "text.width": 48,
-                         "text.depth": 3, "text.heads": 4, "text.intermediate": 96, "fusion.layers": 3})
-
-
-# --------------------------------------------------------------------------- naive formulas
-
-
-@torch.no_grad()
-def naive_repr(h_s, h_t, weights, biases, pad) -> float:
-    """sum over pairs of mean over kept tokens and teacher channels of (h_s W^T + b - h_t)^2."""
-    total = 0.0
-    for hs, ht, w, b in zip(h_s, h_t, weights, biases):
-        err, count = 0.0, 0
-        for i in range(hs.shape[0]):
-            for j in range(hs.shape[1]):
-                if pad is not None and bool(pad[i, j]):
-                    continue
-                y = w.double() @ hs[i, j].double() + b.double()
-                err += float(((y - ht[i, j].double()) ** 2).sum())
-                count += 1
-        total += err / (count * ht.shape[-1])
-    return total
-
-
-def _relation(x: torch.Tensor, r: int) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.permute(0, 2, 1, 3).reshape(b, n, h * d).reshape(b, n, r, h * d // r).permute(0, 2, 1, 3)
-
-
-def naive_attention_kl(q_s, k_s, q_t, k_t, *, key_pad=None, query_pad=None, causal=False, r=None, temperature=1.0):
-    """mean over valid (batch, head, query row) of KL(softmax(q_t k_t / sqrt(d_t) T) || same for student)."""
-    r = r or q_s.shape[1]
-    q_s, k_s, q_t, k_t = (_relation(x.double(), r) for x in (q_s, k_s, q_t, k_t))
-    total, rows = 0.0, 0
-    for b in range(q_s.shape[0]):
-        for h in range(r):
-            for i in range(q_s.shape[2]):
-                if query_pad is not None and bool(query_pad[b, i]):
-                    continue
-                keys = [j for j in range(k_s.shape[2])
-                        if not (key_pad is not None and bool(key_pad[b, j])) and not (causal and j > i)]
-                if not keys:
-                    continue
-                st = torch.stack([q_t[b, h, i] @ k_t[b, h, j] for j in keys]) / (math.sqrt(q_t.shape[3]) * temperature)
-                ss = torch.stack([q_s[b, h, i] @ k_s[b, h, j] for j in keys]) / (math.sqrt(q_s.shape[3]) * temperature)
-                pt, ps = torch.softmax(st, 0), torch.softmax(ss, 0)
-                total += float((pt * (pt.log() - ps.log())).sum())
-                rows += 1
-    return total / rows
-
-
-def naive_logit_kl(z_s, z_t, temperature=1.0, skip=None) -> float:
-    """T^2 * mean over kept rows of KL(softmax(z_t / T) || softmax(z_s / T)), row by row."""
-    z_s, z_t = z_s.reshape(-1, z_s.shape[-1]).double(), z_t.reshape(-1, z_t.shape[-1]).double()
-    skip = None if skip is None else skip.reshape(-1)
-    total, rows = 0.0, 0
-    for i in range(z_s.shape[0]):
-        if skip is not None and bool(skip[i]):
-            continue
-        pt, ps = torch.softmax(z_t[i] / temperature, 0), torch.softmax(z_s[i] / temperature, 0)
-        total += float((pt * (pt.log() - ps.log())).sum())
-        rows += 1
-    return temperature**2 * total / rows
-
+from dlip_ds.models.vlp import TapRequest
 
 # --------------------------------------------------------------------------- layer maps
 
@@ -131,9 +48,9 @@ def test_last_k_and_explicit_maps():
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(kd_model):
     torch.manual_seed(0)
-    return tiny_model(), tiny_teacher()
+    return kd_model(), kd_model(teacher=True)
 
 
 OK = KDTerm(kind="repr", module="text")
@@ -145,13 +62,13 @@ OK = KDTerm(kind="repr", module="text")
     (KDTerm(kind="attn", module="text"), {}, r"2 heads and teacher 4 .* set relation_heads"),
     (KDTerm(kind="attn", module="text", relation_heads=5), {}, r"relation_heads=5 does not divide the student's 32"),
     (KDTerm(kind="attn", module="text", attn="cross", relation_heads=2), {}, r"text layers have no cross-attention"),
-    (KDTerm(kind="repr", module="decoder"), {"decoder.enabled": False}, r"student has no decoder"),
-    (KDTerm(kind="logit", module="lm"), {"decoder.enabled": False}, r"student has no decoder"),
-    (KDTerm(kind="repr", module="fusion"), {"fusion.layers": 0}, r"student has no fusion layers"),
-    (KDTerm(kind="logit", module="itm"), {"fusion.layers": 0}, r"student has no fusion layers"),
-    (KDTerm(kind="logit", module="lm"), {"text.vocab_size": 100}, r"student has 100 tokens and teacher 128"),
-    (KDTerm(kind="repr", module="vision"), {"vision.patch_size": 16}, r"different patches"),
-    (KDTerm(kind="attn", module="fusion", attn="cross", relation_heads=2), {"vision.patch_size": 16},
+    (KDTerm(kind="repr", module="decoder"), {"decoder": {"enabled": False}}, r"student has no decoder"),
+    (KDTerm(kind="logit", module="lm"), {"decoder": {"enabled": False}}, r"student has no decoder"),
+    (KDTerm(kind="repr", module="fusion"), {"fusion": {"layers": 0}}, r"student has no fusion layers"),
+    (KDTerm(kind="logit", module="itm"), {"fusion": {"layers": 0}}, r"student has no fusion layers"),
+    (KDTerm(kind="logit", module="lm"), {"text": {"vocab_size": 100}}, r"student has 100 tokens and teacher 128"),
+    (KDTerm(kind="repr", module="vision"), {"vision": {"patch_size": 16}}, r"different patches"),
+    (KDTerm(kind="attn", module="fusion", attn="cross", relation_heads=2), {"vision": {"patch_size": 16}},
      r"different patches"),
     (KDTerm(kind="repr", module="itc"), {}, r"module must be one of"),
     (KDTerm(kind="logit", module="fusion"), {}, r"module must be one of \('itc', 'itm', 'lm'\)"),
@@ -159,8 +76,8 @@ OK = KDTerm(kind="repr", module="text")
     (KDTerm(kind="attn", module="text", attn="diagonal", relation_heads=2), {}, r"attn must be 'self' or 'cross'"),
     (KDTerm(kind="logit", module="itc", temperature=0.0), {}, r"temperature must be > 0"),
 ])
-def test_plan_validation_names_the_term(models, term, student_changes, message):
-    student = tiny_model(**student_changes) if student_changes else models[0]
+def test_plan_validation_names_the_term(models, kd_model, term, student_changes, message):
+    student = kd_model(**student_changes) if student_changes else models[0]
     with pytest.raises(ConfigError, match=r"^loss\.kd\[1\]" + r".*" + message):
         KDPlan([OK, term], student, models[1])
 

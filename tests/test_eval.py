@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 
 from dlip_ds.eval import captioning
 from dlip_ds.eval.retrieval import recall_at_k
@@ -168,18 +169,16 @@ def test_caption_metrics_perfect_prediction_scores_highest(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_model):
     """(model, eval set, tokenizer, model dir, test shards dir): a random test-tiny model and 10 synthetic images."""
     from dlip_ds.data import load_eval_set, load_tokenizer
     from dlip_ds.data.synth import synth
     from dlip_ds.models.dlip_format import save_model
-    from dlip_ds.models.load import load_model
 
     root = tmp_path_factory.mktemp("eval")
     synth(root / "data", train=40, test=10, image_size=32, shard_size=4)
     tok = load_tokenizer(root / "data" / "tokenizer")
-    torch.manual_seed(0)
-    model = load_model("test-tiny", text={"vocab_size": len(tok)})
+    model = tiny_model(text={"vocab_size": len(tok)})
     save_model(model, root / "model", tokenizer=tok)
     return model, load_eval_set(root / "data" / "test"), tok, root / "model", root / "data" / "test"
 
@@ -252,17 +251,13 @@ def _rank_worker(rank, world_size, port, model_dir, data_dir, out_path):
 
 
 def test_distributed_scoring_equals_single_process(tiny, tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     from dlip_ds.eval.captioning import CaptionSettings, generate_captions
     from dlip_ds.eval.retrieval import retrieval_scores
 
     model, es, tok, model_dir, data_dir = tiny
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank_worker, args=(2, port, str(model_dir), str(data_dir), str(out)), nprocs=2, join=True)
     got = torch.load(out)

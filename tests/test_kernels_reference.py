@@ -5,17 +5,11 @@ import math
 
 import pytest
 import torch
+from helpers import LargestTensor
 
 from dlip_ds.kernels import attention_kd_loss, linear_kd_loss, repr_kd_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: on a busy machine, OpenMP threads spin-waiting make each op ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread is faster
 
 
 def naive_attention_kd(q_s, k_s, q_t, k_t, kpm=None, qpm=None, causal=False, relation_heads=None, temperature=1.0):
@@ -245,21 +239,6 @@ def test_repr_kd_gradcheck_and_errors():
         repr_kd_loss(h_s, h_t, [ws[0], ws[1].t()], bs)
     with pytest.raises(ValueError, match="as many"):
         repr_kd_loss(h_s, h_t[:1], ws, bs)
-
-
-class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the bytes of the largest tensor any op produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.nbytes = max(self.nbytes, t.numel() * t.element_size())
-        return out
 
 
 def test_linear_kd_chunked_never_holds_whole_logits():

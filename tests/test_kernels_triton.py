@@ -3,7 +3,7 @@ CPU (tests/conftest.py sets TRITON_INTERPRET=1): forward and gradients, fp32 max
 
 import pytest
 import torch
-from test_kernels_reference import LargestTensor, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from helpers import LargestTensor
 
 from dlip_ds.kernels import attention_kd_loss
 from dlip_ds.kernels.reference import attention_kd_reference
@@ -11,6 +11,8 @@ from dlip_ds.kernels.relation import prepare_inputs
 
 pytest.importorskip("triton")
 from dlip_ds.kernels.attention_kd_triton import attention_kd_triton
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread is faster
 
 # (B, N_q, N_k, student (H, d), teacher (H, d), relation heads, causal, key padding, query padding, T)
 CASES = [

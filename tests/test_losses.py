@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port, naive_ce_rows, naive_lm, naive_softmax
 
 from dlip_ds.losses.pretrain import (
     FeatureQueue,
@@ -22,23 +22,6 @@ from dlip_ds.losses.pretrain import (
     sample_hard_negatives,
     soft_targets,
 )
-
-
-def naive_ce_rows(sim: torch.Tensor, targets: torch.Tensor) -> float:
-    """mean over rows of -sum_j t_ij log softmax(s_i)_j, with explicit loops in float64."""
-    total = 0.0
-    for i in range(sim.shape[0]):
-        row = [float(v) for v in sim[i]]
-        m = max(row)
-        log_z = m + math.log(sum(math.exp(v - m) for v in row))
-        total += -sum(float(targets[i, j]) * (row[j] - log_z) for j in range(len(row)))
-    return total / sim.shape[0]
-
-
-def naive_softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def _features(b: int, e: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,16 +142,7 @@ def test_lm_loss_matches_naive(smoothing):
     labels = torch.randint(0, v, (b, length), generator=g)
     labels[0, :2] = -100  # prompt
     labels[1, 4:] = -100  # padding
-    total, count = 0.0, 0
-    for i in range(b):
-        for j in range(length - 1):
-            y = int(labels[i, j + 1])
-            if y == -100:
-                continue
-            logp = [math.log(p) for p in naive_softmax([float(x) for x in logits[i, j]])]
-            total += (1 - smoothing) * -logp[y] + smoothing * -sum(logp) / v
-            count += 1
-    assert abs(lm_loss(logits, labels, smoothing).item() - total / count) < 1e-5
+    assert abs(lm_loss(logits, labels, smoothing).item() - naive_lm(logits, labels, smoothing)) < 1e-5
     empty = lm_loss(logits.requires_grad_(), torch.full((b, length), -100), smoothing)
     assert empty.item() == 0.0
     empty.backward()
@@ -227,14 +201,8 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gather_features_two_ranks(tmp_path):
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = torch.cat([torch.arange(6, dtype=torch.float32).view(3, 2) + 10 * r for r in range(2)])
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     # one process, the whole batch: the reference for the 2-rank ITC loss and gradients

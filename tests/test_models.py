@@ -8,18 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlip_ds.config import ConfigError, model_config_from_dict
+from dlip_ds.config import ConfigError
 from dlip_ds.models.presets import PRESETS, preset_config, preset_dict
 from dlip_ds.models.vit import resize_pos_embed
 from dlip_ds.models.vlp import TapRequest, VLPModel
-
-
-def tiny(**over) -> VLPModel:
-    torch.manual_seed(0)
-    d = preset_dict("test-tiny")
-    for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
-    return VLPModel(model_config_from_dict(d)).eval()
 
 
 def batch(b=3, n=9, vocab=128, size=32, seed=1):
@@ -37,8 +29,8 @@ def heads(x, h):
     return x.view(b, n, h, d // h).transpose(1, 2)
 
 
-def test_no_parameter_held_directly_and_temperature_clamped():
-    m = tiny()
+def test_no_parameter_held_directly_and_temperature_clamped(tiny_model):
+    m = tiny_model()
     assert list(m.parameters(recurse=False)) == []
     with torch.no_grad():
         m.itc.temp.fill_(3.0)
@@ -48,8 +40,8 @@ def test_no_parameter_held_directly_and_temperature_clamped():
     assert m.temperature().item() == pytest.approx(0.001)
 
 
-def test_task_shapes_and_normalised_features():
-    m = tiny()
+def test_task_shapes_and_normalised_features(tiny_model):
+    m = tiny_model()
     px, ids, mask = batch()
     img, txt = m.itc_features(px, ids, mask)
     assert img.shape == txt.shape == (3, 16)
@@ -58,9 +50,9 @@ def test_task_shapes_and_normalised_features():
     assert m.lm_logits(px, ids, mask).shape == (3, 9, 128)
 
 
-def test_padding_does_not_leak():
+def test_padding_does_not_leak(tiny_model):
     """Features of a padded text equal those of the same text without its padding."""
-    m = tiny()
+    m = tiny_model()
     px, ids, mask = batch()
     img = m.encode_image(px).embeds
     full_txt = m.encode_text(ids, mask).embeds
@@ -74,8 +66,8 @@ def test_padding_does_not_leak():
     assert torch.allclose(m.decode(img[2:3], short, ones).hidden, full_dec[2:3, :n], atol=1e-5)
 
 
-def test_decoder_is_causal_and_encoder_is_not():
-    m = tiny()
+def test_decoder_is_causal_and_encoder_is_not(tiny_model):
+    m = tiny_model()
     px, ids, mask = batch()
     mask = torch.ones_like(mask)
     img = m.encode_image(px).embeds
@@ -88,8 +80,8 @@ def test_decoder_is_causal_and_encoder_is_not():
     assert not torch.allclose(a[:, :5], b[:, :5], atol=1e-4)
 
 
-def test_taps_return_only_what_was_asked_and_match_projections():
-    m = tiny()
+def test_taps_return_only_what_was_asked_and_match_projections(tiny_model):
+    m = tiny_model()
     px, ids, mask = batch()
     v = m.encode_image(px, TapRequest(hidden=(0,), self_qk=(1,)))
     assert set(v.taps["hidden"]) == {0} and set(v.taps["self_qk"]) == {1} and not v.taps["cross_qk"]
@@ -123,9 +115,9 @@ def test_taps_return_only_what_was_asked_and_match_projections():
         m.encode_text(ids, mask, TapRequest(cross_qk=(0,)))
 
 
-def test_sdpa_attention_equals_naive_softmax():
+def test_sdpa_attention_equals_naive_softmax(tiny_model):
     """A BERT self-attention layer with padding = the materialised softmax(QK^T/sqrt(d) + mask) V."""
-    m = tiny()
+    m = tiny_model()
     _, ids, mask = batch()
     x = m.text.embeddings(ids)
     attn = m.text.layers[0].self_attn
@@ -137,8 +129,8 @@ def test_sdpa_attention_equals_naive_softmax():
     assert torch.allclose(out, attn.norm(x + attn.out(ctx)), atol=1e-5)
 
 
-def test_fusion_layers_blip_partial_and_albef():
-    m = tiny(text={"depth": 3}, fusion={"layers": 1})
+def test_fusion_layers_blip_partial_and_albef(tiny_model):
+    m = tiny_model(text={"depth": 3}, fusion={"layers": 1})
     assert [layer.has_cross for layer in m.text.layers] == [False, False, True]
     assert m.module_info("fusion").depth == 1 and m.module_info("decoder").depth == 3
     px, ids, mask = batch()
@@ -148,10 +140,10 @@ def test_fusion_layers_blip_partial_and_albef():
     with pytest.raises(ValueError):
         m.fuse(img, ids, mask, TapRequest(hidden=(1,)))
     # unimodal pass skips cross-attention: the text features ignore the image entirely
-    assert torch.allclose(m.encode_text(ids, mask).feat, tiny(text={"depth": 3}, fusion={"layers": 1})
-                          .encode_text(ids, mask).feat)
+    again = tiny_model(text={"depth": 3}, fusion={"layers": 1})
+    assert torch.allclose(m.encode_text(ids, mask).feat, again.encode_text(ids, mask).feat)
 
-    a = tiny(fusion={"mode": "albef", "layers": 2})
+    a = tiny_model(fusion={"mode": "albef", "layers": 2})
     assert len(a.fusion) == 2 and not any(layer.has_cross for layer in a.text.layers)
     info = a.module_info("fusion")
     assert (info.depth, info.has_cross) == (2, True) and a.module_info("decoder").depth == 4
@@ -161,8 +153,8 @@ def test_fusion_layers_blip_partial_and_albef():
     assert a.lm_logits(px, ids, mask).shape == (3, 9, 128)
 
 
-def test_decoder_sharing_and_tied_lm_head():
-    shared = tiny()
+def test_decoder_sharing_and_tied_lm_head(tiny_model):
+    shared = tiny_model()
     own = {n for n, _ in shared.decoder.named_parameters()}
     assert own and all(n.startswith("self_attn.") for n in own)
     weight, bias = shared.lm_projection()
@@ -178,16 +170,16 @@ def test_decoder_sharing_and_tied_lm_head():
     assert shared.text.layers[0].mlp.fc1.weight.grad is not None
     assert shared.text.layers[0].self_attn.query.weight.grad is None
 
-    sep = tiny(decoder={"share": False})
+    sep = tiny_model(decoder={"share": False})
     assert sep.lm_projection()[0] is sep.decoder.stack.embeddings.word_embeddings.weight
     assert sum(p.numel() for p in sep.decoder.parameters()) > sum(p.numel() for p in shared.decoder.parameters())
-    nodec = tiny(decoder={"enabled": False})
+    nodec = tiny_model(decoder={"enabled": False})
     with pytest.raises(ConfigError, match="decoder"):
         nodec.lm_logits(px, ids, mask)
 
 
-def test_position_embeddings_interpolate_for_other_image_sizes():
-    m = tiny()
+def test_position_embeddings_interpolate_for_other_image_sizes(tiny_model):
+    m = tiny_model()
     px = torch.randn(2, 3, 48, 48)
     pos = m.vision.pos_embed
     # reference: bicubic resize of the 4x4 grid to 6x6, done by hand
@@ -197,15 +189,15 @@ def test_position_embeddings_interpolate_for_other_image_sizes():
     assert torch.allclose(resized[:, 1:], ref, atol=1e-6) and torch.equal(resized[:, :1], pos[:, :1])
     out = m.encode_image(px).embeds
     assert out.shape == (2, 37, 32)
-    big = tiny(vision={"image_size": 48})
+    big = tiny_model(vision={"image_size": 48})
     state = {k: v for k, v in m.state_dict().items()}
     state["vision.pos_embed"] = resized
     big.load_state_dict(state)
     assert torch.allclose(big.encode_image(px).embeds, out, atol=1e-5)
 
 
-def test_drop_path_only_in_training():
-    m = tiny(vision={"drop_path": 0.5})
+def test_drop_path_only_in_training(tiny_model):
+    m = tiny_model(vision={"drop_path": 0.5})
     px = torch.randn(4, 3, 32, 32)
     assert torch.equal(m.encode_image(px).embeds, m.encode_image(px).embeds)
     m.train()
@@ -215,8 +207,8 @@ def test_drop_path_only_in_training():
     assert not torch.allclose(a, m.encode_image(px).embeds)
 
 
-def test_momentum_copies_update_as_ema():
-    m = tiny(momentum=True, momentum_coef=0.9)
+def test_momentum_copies_update_as_ema(tiny_model):
+    m = tiny_model(momentum=True, momentum_coef=0.9)
     px, ids, mask = batch()
     i, t = m.itc_features(px, ids, mask)
     im, tm = m.momentum_itc_features(px, ids, mask)
@@ -229,7 +221,7 @@ def test_momentum_copies_update_as_ema():
     expect = 0.9 * before + 0.1 * m.vision.blocks[0].attn.qkv.weight
     assert torch.allclose(m.momentum.vision.blocks[0].attn.qkv.weight, expect, atol=1e-6)
     with pytest.raises(ConfigError):
-        tiny().momentum_update()
+        tiny_model().momentum_update()
 
 
 @pytest.fixture
@@ -245,11 +237,11 @@ def tokenizer(tmp_path):
     return tok
 
 
-def test_generate_greedy_and_beam_match_a_naive_decoder(tokenizer):
+def test_generate_greedy_and_beam_match_a_naive_decoder(tokenizer, tiny_model):
     """Greedy without a cache (full recompute each step) is the reference for the cached loop;
     beam search must score at least as well as greedy under the same length normalisation."""
-    m = tiny(text={"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-                   "sep_token_id": tokenizer.sep_token_id})
+    m = tiny_model(text={"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                         "sep_token_id": tokenizer.sep_token_id})
     px = torch.randn(2, 3, 32, 32)
     prompt = tokenizer("a picture of", add_special_tokens=False).input_ids
     got = m.generate(px, prompt=prompt, num_beams=1, max_length=10, min_length=7, repetition_penalty=1.5)
@@ -280,8 +272,8 @@ def test_generate_greedy_and_beam_match_a_naive_decoder(tokenizer):
     assert score(beam) >= score(greedy) - 1e-5
 
 
-def test_generate_with_tokenizer_strips_prompt(tokenizer):
-    m = tiny(text={"vocab_size": len(tokenizer)})
+def test_generate_with_tokenizer_strips_prompt(tokenizer, tiny_model):
+    m = tiny_model(text={"vocab_size": len(tokenizer)})
     px = torch.randn(2, 3, 32, 32)
     caps = m.generate(px, tokenizer, prompt="a picture of ", num_beams=2, max_length=12, min_length=6)
     ids = m.generate(px, prompt=tokenizer("a picture of", add_special_tokens=False).input_ids, num_beams=2,

@@ -3,19 +3,17 @@ re-computations from the models' own task methods and taps; gradients; teacher d
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distill import (
+from helpers import (
     naive_attention_kl,
+    naive_ce_rows,
+    naive_lm,
     naive_logit_kl,
     naive_repr,
-    tiny_model,
-    tiny_teacher,
+    naive_softmax,
 )
-from test_losses import naive_ce_rows, naive_softmax
 
 from dlip_ds.config import ConfigError, KDTerm, LossConfig
 from dlip_ds.losses.distill import KDPlan, default_kd_terms
@@ -45,19 +43,6 @@ def make_batch(seed: int = 0) -> dict:
             "image_ids": torch.tensor([0, 1, 1, 2])}
 
 
-def naive_lm(logits, labels, smoothing) -> float:
-    total, count = 0.0, 0
-    for i in range(logits.shape[0]):
-        for j in range(logits.shape[1] - 1):
-            y = int(labels[i, j + 1])
-            if y == -100:
-                continue
-            logp = [math.log(p) for p in naive_softmax([float(x) for x in logits[i, j]])]
-            total += (1 - smoothing) * -logp[y] + smoothing * -sum(logp) / len(logp)
-            count += 1
-    return total / count
-
-
 def one_hot(n: int) -> torch.Tensor:
     return torch.eye(n, dtype=torch.float64)
 
@@ -71,9 +56,9 @@ def local_pairs(model, batch, seed):
     return sample_hard_negatives(sim, sim.T, image_ids=batch["image_ids"], generator=torch.Generator().manual_seed(seed))
 
 
-def test_pretraining_terms_match_naive():
+def test_pretraining_terms_match_naive(kd_model):
     torch.manual_seed(0)
-    student = tiny_model()
+    student = kd_model()
     step = PretrainTask(student, None, LossConfig(hard_negatives_from="student", itc=1.0, itm=0.5, lm=2.0))
     batch = make_batch()
     out = step(batch, generator=torch.Generator().manual_seed(7))
@@ -113,9 +98,9 @@ ATTN_TERMS = [KDTerm(kind="attn", module="text", relation_heads=2, temperature=2
 
 
 @pytest.fixture(scope="module")
-def distill_run():
+def distill_run(kd_model):
     torch.manual_seed(0)
-    student, teacher = tiny_model(), tiny_teacher()
+    student, teacher = kd_model(), kd_model(teacher=True)
     plan = KDPlan(default_kd_terms() + ATTN_TERMS, student, teacher)
     step = PretrainTask(student, plan, LossConfig(hard_negatives_from="teacher"))
     batch = make_batch(1)
@@ -185,9 +170,9 @@ def test_distill_terms_match_naive_from_taps(distill_run):
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-5), r.name
 
 
-def test_bf16_teacher_matches_fp32_teacher():
+def test_bf16_teacher_matches_fp32_teacher(kd_model):
     torch.manual_seed(0)
-    student, teacher = tiny_model(), tiny_teacher()
+    student, teacher = kd_model(), kd_model(teacher=True)
     plan = KDPlan(default_kd_terms() + ATTN_TERMS[:1], student, teacher)
     step = PretrainTask(student, plan, LossConfig(hard_negatives_from="student"))
     batch = make_batch(2)
@@ -206,9 +191,9 @@ def test_bf16_teacher_matches_fp32_teacher():
     half.loss.backward()
 
 
-def test_teacher_soft_targets():
+def test_teacher_soft_targets(kd_model):
     torch.manual_seed(0)
-    student, teacher = tiny_model(), tiny_teacher()
+    student, teacher = kd_model(), kd_model(teacher=True)
     alpha = 0.4
     step = PretrainTask(student, None, LossConfig(itc_soft_targets="teacher", alpha=alpha, itm=0.0, lm=0.0))
     batch = make_batch(3)
@@ -228,9 +213,9 @@ def test_teacher_soft_targets():
     assert out.terms["raw/itc"].item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_momentum_queue_soft_targets():
+def test_momentum_queue_soft_targets(kd_model):
     torch.manual_seed(0)
-    student = tiny_model(momentum=True, queue_size=6)
+    student = kd_model(momentum=True, queue_size=6)
     student.reset_momentum()
     alpha = 0.4
     step = PretrainTask(student, None, LossConfig(itc_soft_targets="momentum", alpha=alpha, itm=0.0, lm=0.0,
@@ -258,15 +243,15 @@ def test_momentum_queue_soft_targets():
     assert out.terms["raw/itc"].item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_step_errors():
-    student, teacher = tiny_model(), tiny_teacher()
+def test_step_errors(kd_model):
+    student, teacher = kd_model(), kd_model(teacher=True)
     plan = KDPlan([KDTerm(kind="repr", module="vision")], student, teacher)
     with pytest.raises(ValueError, match="no teacher was given"):
         PretrainTask(student, plan, LossConfig())(make_batch())
     with pytest.raises(ConfigError, match=r"loss\.itm > 0 but the student has no fusion"):
-        PretrainTask(tiny_model(**{"fusion.layers": 0}), None, LossConfig())
+        PretrainTask(kd_model(fusion={"layers": 0}), None, LossConfig())
     with pytest.raises(ConfigError, match=r"loss\.lm > 0 but the student has no decoder"):
-        PretrainTask(tiny_model(**{"decoder.enabled": False}), None, LossConfig())
+        PretrainTask(kd_model(decoder={"enabled": False}), None, LossConfig())
     with pytest.raises(ConfigError, match="needs student.momentum=true"):
         PretrainTask(student, None, LossConfig(itc_soft_targets="momentum"))
     batch = make_batch()
