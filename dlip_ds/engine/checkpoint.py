@@ -6,6 +6,11 @@ with a `rng_rank<r>.pt` per rank, and `latest`, the tag to resume from. DeepSpee
 their ZeRO shards (no barrier in between) and rewrites it in place, so a crash mid-save can leave
 `latest` naming a broken tag. Here `latest` is written only after a barrier that follows every
 rank's save, through a temporary file and an atomic rename.
+
+A damaged file (a truncated copy, a disk that filled up) must not end a resume in a traceback: before
+loading, every rank checks that each file it will read is a whole torch archive (its zip central
+directory, read from the end of the file), the ranks agree, and the newest checkpoint that is whole
+on every rank is loaded; a failure while loading falls back the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import re
 import shutil
 import signal
 import threading
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +35,9 @@ LATEST = "latest"
 STOP_FILE = "STOP"  # `touch RUN_DIR/STOP` asks a run to checkpoint and exit (the sbatch trap does)
 INTERRUPTED_FILE = "interrupted"  # written when a run stops early; the sbatch script requeues on it
 _TAG = re.compile(r"^step_(\d+)$")
+# files that belong to one data-parallel rank: (bf16_)zero_pp_rank_<r>_mp_rank_XX_{model,optim}_states.pt
+# and rng_rank<r>.pt; every other .pt in a tag (mp_rank_XX_model_states.pt) is read by every rank
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^rng_rank(\d+)\.pt$")
 
 
 @dataclass
@@ -70,6 +79,8 @@ class CheckpointManager:
         self.dir = Path(directory)
         self.rank = rank
         self.keep_last = keep_last
+        self._fallbacks: dict[tuple[Path, str], list[str]] = {}  # (dir, tag) -> older whole tags, newest first
+        self.loaded: tuple[Path, str] | None = None  # what `load` loaded in the end
 
     def latest_tag(self) -> str | None:
         path = self.dir / LATEST
@@ -103,32 +114,147 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     def resolve(self, resume: str) -> tuple[Path, str] | None:
-        """`auto` -> the latest complete checkpoint here (None if there is none); a path -> a
-        checkpoint directory (with `latest`) or one tag directory inside it."""
+        """Collective when distributed (every rank calls it). `auto` -> the newest checkpoint here that is
+        whole on every rank (None if `latest` names none); a path -> the same in a checkpoint directory
+        (with `latest`), or exactly one tag directory inside it. A damaged checkpoint is named on the
+        console and the next older one kept by `keep_last` is used; ConfigError, naming the damaged file,
+        when none is whole."""
         if resume == "auto":
-            tag = self.latest_tag()
-            return (self.dir, tag) if tag else None
+            return self._newest_whole(self.dir, self._candidates(self.dir), f"--resume {resume}")
         path = Path(resume)
         if (path / LATEST).is_file():
-            tag = CheckpointManager(path, rank=self.rank, keep_last=self.keep_last).latest_tag()
-            if tag is None:
+            candidates = self._candidates(path)
+            if not candidates:
                 raise ConfigError(f"--resume {resume}: '{LATEST}' names a checkpoint that does not exist")
-            return path, tag
-        if path.is_dir() and any(path.glob("mp_rank_*_model_states.pt")):
-            return path.parent, path.name
+            return self._newest_whole(path, candidates, f"--resume {resume}")
+        if path.is_dir() and any(path.glob("*mp_rank_*_model_states.pt")):
+            return self._newest_whole(path.parent, [path.name], f"--resume {resume}")
         raise ConfigError(f"--resume {resume}: expected 'auto', a checkpoints directory with a '{LATEST}' file, "
                           "or one checkpoint tag directory")
 
+    def _candidates(self, directory: Path) -> list[str]:
+        """The tag `latest` names, then the older tags still there, newest first. Tags newer than `latest`
+        are saves that never completed; without `latest` there is nothing to resume."""
+        path = directory / LATEST
+        named = path.read_text().strip() if path.is_file() else ""
+        if not named:
+            return []
+        head = [named] if (directory / named).is_dir() else []
+        m = _TAG.match(named)
+        if m is None:
+            return head
+        older = sorted(((int(t.group(1)), p.name) for p in directory.iterdir()
+                        if (t := _TAG.match(p.name)) and p.is_dir() and int(t.group(1)) < int(m.group(1))),
+                       reverse=True)
+        return head + [name for _, name in older]
+
+    def _newest_whole(self, directory: Path, candidates: list[str], what: str) -> tuple[Path, str] | None:
+        if not candidates:
+            return None
+        candidates = _same_on_all_ranks(candidates)
+        problems = _first_problem_over_ranks([self._problem(directory / tag) for tag in candidates])
+        for i, (tag, problem) in enumerate(zip(candidates, problems)):
+            if problem is None:
+                self._fallbacks[(directory, tag)] = [t for t, p in zip(candidates[i + 1:], problems[i + 1:]) if p is None]
+                return directory, tag
+            if i + 1 < len(candidates):
+                self._say(f"checkpoint {directory / tag} is damaged: {problem}; falling back to the older "
+                          f"{candidates[i + 1]}")
+        damaged = "; ".join(f"{tag}: {p}" for tag, p in zip(candidates, problems))
+        raise ConfigError(f"{what}: no whole checkpoint to resume from in {directory} ({damaged}). Delete the damaged "
+                          "checkpoint(s) to start afresh, or resume from another checkpoint with --resume PATH")
+
+    def _problem(self, tag_dir: Path) -> str | None:
+        """Why this rank cannot load `tag_dir` (the damaged file and what is wrong with it), or None."""
+        if not any(tag_dir.glob("*model_states.pt")):
+            return f"{tag_dir}: no DeepSpeed model states"
+        for path in sorted(tag_dir.glob("*.pt")):
+            m = _RANK_FILE.search(path.name)
+            if m is None or int(m.group(1) or m.group(2)) == self.rank:
+                problem = archive_problem(path)
+                if problem:
+                    return f"{path} {problem}"
+        return None
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
     def load(self, engine, load_dir: Path, tag: str, generator: torch.Generator | None) -> TrainState:
-        """Collective. Restores model, optimizer, scheduler, loss scaler, KD projections, RNG, data position."""
+        """Collective. Restores model, optimizer, scheduler, loss scaler, KD projections, RNG, data position.
+
+        A checkpoint that `resolve` found whole but that fails to load (on any rank) falls back to the next
+        older whole one, on every rank together; `self.loaded` is the (directory, tag) loaded in the end.
+        The ranks agree after each attempt, so a failure must happen before DeepSpeed's own collectives or
+        on every rank alike (the shared model states of ZeRO 0-2); the checks in `resolve` are what keeps
+        one rank's damaged shard from stranding the others inside DeepSpeed."""
+        load_dir = Path(load_dir)
+        tags = [tag, *self._fallbacks.get((load_dir, tag), [])]
+        for i, attempt in enumerate(tags):
+            try:
+                state, error = self._load_one(engine, load_dir, attempt, generator), None
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means "try the older one"
+                state, error = None, f"{type(e).__name__}: {e}"
+            error = _first_problem_over_ranks([error])[0]
+            if error is None:
+                self.loaded = (load_dir, attempt)
+                return state
+            if i + 1 < len(tags):
+                self._say(f"checkpoint {load_dir / attempt} could not be loaded ({error}); falling back to the "
+                          f"older {tags[i + 1]}")
+        tried = f"{load_dir / tag}" if len(tags) == 1 else f"{load_dir} (tried {', '.join(tags)}; the last)"
+        raise ConfigError(f"checkpoint {tried} could not be loaded: {error}")
+
+    def _load_one(self, engine, load_dir: Path, tag: str, generator: torch.Generator | None) -> TrainState:
         path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
-            raise ConfigError(f"checkpoint {load_dir / tag} could not be loaded")
+            raise ConfigError(f"DeepSpeed found no checkpoint files in {load_dir / tag}")
         rng_file = load_dir / tag / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():  # absent when resuming with more ranks than saved: fresh streams then
             set_rng_state(torch.load(rng_file, weights_only=False), generator)
         return TrainState(**client["train_state"])
+
+
+def archive_problem(path: Path) -> str | None:
+    """What makes `path` not a whole `torch.save` archive, or None. Cheap: reads the zip central directory at
+    the end of the file (a truncated or half-written file has none) and checks that every entry it lists
+    lies inside the file; the data itself is not read."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"is cut short: entry {info.filename} ends past its {size} bytes"
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+        return f"is not a whole torch archive ({type(e).__name__}: {e}; truncated or damaged)"
+    return None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _same_on_all_ranks(value: list) -> list:
+    """Rank 0's `value` on every rank (the candidate tags, in case ranks see different directories)."""
+    if not _distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_problem_over_ranks(problems: list[str | None]) -> list[str | None]:
+    """Per entry, the first rank's problem (with its rank) when any rank has one; the same list on every rank."""
+    if not _distributed():
+        return problems
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, problems)
+    return [next((f"{p[i]} (rank {r})" for r, p in enumerate(gathered) if p[i] is not None), None)
+            for i in range(len(problems))]
 
 
 # --------------------------------------------------------------------------- preemption
@@ -165,7 +291,7 @@ class StopRequest:
 
 
 def consolidated_student_state(checkpoint_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
-    """The student's fp32 weights from a DeepSpeed checkpoint of a StepModule, whatever the ZeRO stage.
+    """The student's fp32 weights from a DeepSpeed checkpoint of a task, whatever the ZeRO stage.
 
     ZeRO 1-3 keep the fp32 master weights sharded in the optimizer files; DeepSpeed's zero_to_fp32
     merges them. ZeRO-0 has no shards: the module weights are read (fp32 when trained in fp32).
@@ -180,8 +306,12 @@ def consolidated_student_state(checkpoint_dir: str | Path, tag: str) -> dict[str
         if not files:
             raise ConfigError(f"{checkpoint_dir / tag}: no DeepSpeed model states")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    prefix = "student."
-    return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    student = {k[len("student."):]: v.float() for k, v in state.items() if k.startswith("student.")}
+    # A bf16/fp16 run keeps the momentum EMA in fp32 beside the student (MomentumMaster): prefer it
+    # to the student's copies, which hold it rounded to the training dtype.
+    master = "momentum_master."
+    student.update({"momentum." + k[len(master):]: v.float() for k, v in state.items() if k.startswith(master)})
+    return student
 
 
 def student_from_state(model_cfg, state: dict[str, torch.Tensor], source: str):

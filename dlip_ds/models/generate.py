@@ -14,11 +14,12 @@ def until(ids: list[int], sep: int) -> list[int]:
     return ids[: ids.index(sep)] if sep in ids else ids
 
 
-def strip_prompt(tokenizer, prompt_ids: list[int], generated: list[int]) -> str:
-    """BLIP decodes prompt + caption and cuts the prompt text off; that keeps word pieces joined."""
+def strip_prompt(tokenizer, prompt: str, prompt_ids: list[int], generated: list[int]) -> str:
+    """BLIP's cut (`caption[len(self.prompt):]` in its `generate`): decode prompt + caption as one text,
+    so word pieces join as in the whole sentence, then drop as many characters as the prompt text has
+    (whatever they decode to); surrounding whitespace is trimmed, which no caption metric sees."""
     text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    return text[len(head):].strip() if head and text.startswith(head) else text.strip()
+    return text[len(prompt):].strip()
 
 
 def _penalise(scores: torch.Tensor, seqs: torch.Tensor, penalty: float, sep: int, cur_len: int, min_length: int):
@@ -53,18 +54,46 @@ def greedy(model, image_embeds, start, max_length, min_length, penalty, sep):
     return seqs
 
 
-def beam_search(model, image_embeds, start, beams, max_length, min_length, penalty, sep):
-    """Beam search with transformers' defaults (length_penalty=1 over generated tokens, early_stopping=False)."""
+LENGTH_NORMS = ("generated", "total")
+
+
+def beam_search(model, image_embeds, start, beams, max_length, min_length, penalty, sep, length_norm="generated"):
+    """Beam search as transformers' `generate` does it (length_penalty=1, early_stopping=False).
+
+    `length_norm` is the rule that ranks finished hypotheses (summed log-probabilities over a length):
+    - "generated": transformers >= 4.36, today's: divided by the tokens generated, [SEP] included. A
+      hypothesis that reaches max_length finishes like one that produced [SEP] (top `beams` candidates);
+      the search stops when the best running beam, normalised the same way, cannot beat the worst kept.
+    - "total": transformers < 4.36 (`BeamHypotheses`; BLIP's published captions used 4.15): divided by
+      every token before [SEP], [DEC] and prompt included. At max_length the `beams` running beams join
+      (over max_length); an image is done when the best of its 2 * beams candidates, over the length
+      before this step, cannot beat the worst kept hypothesis.
+    """
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"generate: length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+    total = length_norm == "total"
     b, prompt_len = start.shape
     dev = start.device
+    pad = model.cfg.text.pad_token_id
     image_embeds = image_embeds.repeat_interleave(beams, dim=0)
     running = start.repeat_interleave(beams, dim=0)  # [b*beams, cur]
     run_scores = torch.zeros(b, beams, device=dev)
     run_scores[:, 1:] = -1e9  # only the first beam expands at step one
-    fin_seqs = torch.full((b, beams, max_length), model.cfg.text.pad_token_id, dtype=torch.long, device=dev)
+    fin_seqs = torch.full((b, beams, max_length), pad, dtype=torch.long, device=dev)
     fin_scores = torch.full((b, beams), -1e9, device=dev)
     fin_done = torch.zeros(b, beams, dtype=torch.bool, device=dev)
-    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)  # not done yet
+
+    def finish(seqs, scores, new):
+        """Let the `new` hypotheses [b, n] (seqs [b, n, len], normalised scores) into the `beams` best kept."""
+        nonlocal fin_seqs, fin_scores, fin_done
+        padded = F.pad(seqs, (0, max_length - seqs.shape[-1]), value=pad)
+        all_scores = torch.cat([fin_scores, torch.where(new, scores, torch.full_like(scores, -1e9))], dim=1)
+        best = all_scores.topk(beams, dim=-1).indices
+        fin_seqs = torch.cat([fin_seqs, padded], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        fin_done = torch.cat([fin_done, new], dim=1).gather(1, best)
+        fin_scores = all_scores.gather(1, best)
+
     caches, past = model._new_caches(), 0
     top_mask = torch.arange(2 * beams, device=dev) < beams
     while True:
@@ -78,22 +107,25 @@ def beam_search(model, image_embeds, start, beams, max_length, min_length, penal
         src_beam, token = top_idx // vocab, top_idx % vocab
         src_flat = (src_beam + torch.arange(b, device=dev)[:, None] * beams).view(-1)
         cand = torch.cat([running.index_select(0, src_flat), token.view(-1, 1)], dim=1).view(b, 2 * beams, cur + 1)
-        hits = (token == sep) | (cur + 1 >= max_length)
+        last = cur + 1 >= max_length
+        hits = (token == sep) | (not total and last)  # candidates that finish here
         # the best `beams` unfinished candidates keep running
         keep = (top_scores - hits.float() * 1e9).topk(beams, dim=-1).indices
         run_scores = (top_scores - hits.float() * 1e9).gather(1, keep)
         keep_flat = (keep + torch.arange(b, device=dev)[:, None] * (2 * beams)).view(-1)
         running = cand.view(b * 2 * beams, -1).index_select(0, keep_flat)
         _reorder(caches, src_flat.view(b, 2 * beams).gather(1, keep).view(-1))
-        # finished candidates among the top `beams` enter the hypotheses, scored by generated length
+        # finished candidates among the top `beams` enter the hypotheses
         new = hits & top_mask[None, :] & improvable
-        normed = torch.where(new, top_scores / (cur + 1 - prompt_len), torch.full_like(top_scores, -1e9))
-        padded = F.pad(cand, (0, max_length - cur - 1), value=model.cfg.text.pad_token_id)
-        all_scores = torch.cat([fin_scores, normed], dim=1)
-        best = all_scores.topk(beams, dim=-1).indices
-        fin_seqs = torch.cat([fin_seqs, padded], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_length))
-        fin_done = torch.cat([fin_done, new], dim=1).gather(1, best)
-        fin_scores = all_scores.gather(1, best)
+        finish(cand, top_scores / (cur if total else cur + 1 - prompt_len), new)
+        if total:
+            full = fin_done.all(dim=1, keepdim=True)
+            improvable &= ~(full & (fin_scores.min(dim=1, keepdim=True).values >= top_scores[:, :1] / cur))
+            if last:  # transformers' `finalize`: the running beams of every image not done, over max_length
+                finish(running.view(b, beams, -1), run_scores / (cur + 1), improvable.expand(-1, beams))
+            if not bool(improvable.any()) or last:
+                break
+            continue
         cur += 1
         worst = torch.where(fin_done, fin_scores.min(dim=1, keepdim=True).values, torch.full_like(fin_scores, -1e9))
         improvable &= (run_scores[:, :1] / (cur - prompt_len) > worst).any(dim=-1, keepdim=True)

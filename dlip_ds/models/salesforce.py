@@ -22,11 +22,21 @@ _RENAMED = (("itc.vision_proj.", "vision_proj."), ("itc.text_proj.", "text_proj.
             ("momentum.vision_proj.", "vision_proj_m."), ("momentum.text_proj.", "text_proj_m."))
 
 
-def load_salesforce_blip(path: Path, med_config, overrides: dict) -> VLPModel:
+# BLIP's `create_vit(vit, ...)`: the ViT sizes its training configs name (`vit: base` in caption_coco.yaml)
+_BLIP_VIT_HEADS = {"base": 12, "large": 16}
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
+
+
+def load_salesforce_blip(path: Path, med_config, overrides: dict, *, vision_config=None, tokenizer=None) -> VLPModel:
     """A Salesforce BLIP checkpoint: the topology (decoder shared or not, momentum copies) is read from the
     keys, sizes from the shapes and the med config json (`med_config=` or `med_config.json` beside the
-    file). Attention heads are not in the weights: the vision encoder gets width // 64 (BLIP's ViT-B and
-    ViT-L), unless overridden (`vision={"heads": n}`); the text takes the med config's, else width // 64 too."""
+    file). Attention heads are not in the weights. The vision encoder's come from `vision={"heads": n}`,
+    else `vision_config` (a dict or a JSON/YAML file: `heads` or `num_attention_heads`, top level or under
+    `vision_config`, or BLIP's `vit: base|large`), else the med config's `vision_config` section, else
+    they are guessed as width // 64 (BLIP's ViT-B and ViT-L), with a warning naming the count; the text
+    takes the med config's, else width // 64 too. [DEC]/[SEP]/[PAD] ids (`text.bos/sep/pad_token_id`) come
+    from `tokenizer` (an object or a directory/name) or the tokenizer beside the file (its folder or a
+    `tokenizer/` folder there), else bert-base-uncased + [DEC] + [ENC]'s defaults."""
     where = str(path)
     state = read_weights(path)
     med = _read_med(path, med_config)
@@ -49,8 +59,12 @@ def load_salesforce_blip(path: Path, med_config, overrides: dict) -> VLPModel:
     share = bool(text and dec) and all(
         torch.equal(v, text[k]) for k, v in dec.items() if ".self_attn." not in k and k in text)
     ours = _to_ours(state, vis, text, dec, share, where)
+    vcfg = _vision_config(vis)
+    if "heads" not in overrides.get("vision", {}):
+        vcfg["heads"] = _vision_heads(vcfg["width"], vision_config, med, where)
+    tcfg.update(_token_ids(path, tokenizer, tcfg["vocab_size"], where))
     data = {
-        "vision": _vision_config(vis),
+        "vision": vcfg,
         "text": tcfg,
         "fusion": {"mode": "blip", "layers": len(cross)},
         "decoder": {"enabled": bool(dec), "share": share},
@@ -72,6 +86,66 @@ def _read_med(path: Path, med_config) -> dict:
     return med
 
 
+def _read_vision_config(vision_config) -> dict:
+    if vision_config is None or isinstance(vision_config, dict):
+        return vision_config or {}
+    path = Path(vision_config)
+    if not path.is_file():
+        raise ConfigError(f"vision config {path}: no such file")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"vision config {path}: expected a mapping")
+        return data
+    return read_json(path)
+
+
+def _vision_heads(width: int, vision_config, med: dict, where: str) -> int:
+    """The ViT's attention heads: from a config when one says, else width // 64 with a warning."""
+    for name, cfg in (("vision config", _read_vision_config(vision_config)),
+                      ("med config", {"vision_config": med.get("vision_config") or {}})):
+        for section in (cfg, cfg.get("vision_config") or {}):
+            for key in ("heads", "num_attention_heads"):
+                if section.get(key):
+                    return int(section[key])
+            vit = section.get("vit")
+            if vit is not None:
+                if vit not in _BLIP_VIT_HEADS:
+                    raise ConfigError(f"{where}: {name} says vit: {vit!r}; BLIP's ViTs are {sorted(_BLIP_VIT_HEADS)}")
+                return _BLIP_VIT_HEADS[vit]
+    heads = max(1, width // 64)
+    log.warning("%s: the checkpoint does not record the ViT's attention heads and no config says; assuming %d "
+                "(width %d // 64, as BLIP's ViT-B/L). Pass vision_config= or vision={'heads': n} if it differs",
+                where, heads, width)
+    return heads
+
+
+def _token_ids(path: Path, tokenizer, vocab: int, where: str) -> dict:
+    """text.bos/sep/pad_token_id from the given tokenizer or the one beside the checkpoint ({} when none)."""
+    source = tokenizer
+    if source is None:
+        source = next((d for d in (path.parent, path.parent / "tokenizer")
+                       if any((d / f).is_file() for f in _TOKENIZER_FILES)), None)
+        if source is None:
+            return {}
+    if isinstance(source, (str, Path)):
+        from dlip_ds.data.text import load_tokenizer
+
+        source = load_tokenizer(source)
+    ids = {"bos_token_id": source.bos_token_id, "sep_token_id": source.sep_token_id,
+           "pad_token_id": source.pad_token_id}
+    ids = {k: int(v) for k, v in ids.items() if v is not None}
+    if len(source) != vocab:
+        log.warning("%s: the tokenizer has %d tokens, the checkpoint's vocabulary %d", where, len(source), vocab)
+    outside = [f"{k}={v}" for k, v in ids.items() if not 0 <= v < vocab]
+    if outside:
+        raise ConfigError(f"{where}: the tokenizer's {', '.join(outside)} lie outside the checkpoint's vocabulary "
+                          f"of {vocab}; not the tokenizer it was trained with")
+    return ids
+
+
 def _infer_bert(text: dict, med: dict, where: str) -> dict:
     width = text["embeddings.word_embeddings.weight"].shape[1]
     depth = 1 + max(int(k.split(".")[1]) for k in text if k.startswith("layers."))
@@ -90,7 +164,7 @@ def _vision_config(vis: dict) -> dict:
     width = vis["cls_token"].shape[-1]
     patch = vis["patch_embed.proj.weight"].shape[-1]
     grid = math.isqrt(vis["pos_embed"].shape[1] - 1)
-    return {"image_size": grid * patch, "patch_size": patch, "width": width, "heads": max(1, width // 64),
+    return {"image_size": grid * patch, "patch_size": patch, "width": width,
             "depth": 1 + max(int(k.split(".")[1]) for k in vis if k.startswith("blocks.")),
             "mlp_ratio": vis["blocks.0.mlp.fc1.weight"].shape[0] / width, "layer_norm_eps": 1e-6}
 
