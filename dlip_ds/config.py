@@ -180,6 +180,9 @@ class LossConfig:
     itc_soft_targets: Literal["none", "momentum", "teacher"] = "none"
     itc_same_image: bool = False  # ITC targets: captions of one image (image_ids) all positive; false = one-hot
     alpha: float = 0.4
+    # ramp alpha linearly from 0 over this many optimizer steps (BLIP ramps it over its first two epochs,
+    # while the momentum model is young); 0 = the full alpha from the first step
+    alpha_warmup_steps: int = 0
     # a run without a teacher draws them from the student whatever this says
     hard_negatives_from: Literal["teacher", "student"] = "teacher"
     kd: list[KDTerm] = field(default_factory=list)

@@ -106,10 +106,18 @@ def validate_recipe(r: Recipe) -> None:
         check_kd_term(term, f"loss.kd[{i}]")
     if r.loss.kd and not r.teacher.source:
         raise ConfigError("loss.kd lists distillation terms but teacher.source is empty")
+    if r.teacher.tp_size != 1:
+        raise ConfigError(
+            f"teacher.tp_size={r.teacher.tp_size}: only 1 is supported. A tensor-parallel teacher would need every "
+            "rank of its group to run it on the same inputs, while each rank trains on its own micro-batch, and "
+            "DeepSpeed's automatic tensor parallelism slices this model's fused ViT qkv projection wrongly. The "
+            "teacher runs whole on each device: in fp16/bf16 (teacher.dtype) BLIP ViT-B takes about 0.5 GB")
     if r.loss.itc_soft_targets == "teacher" and not r.teacher.source:
         raise ConfigError("loss.itc_soft_targets=teacher needs teacher.source")
     if r.loss.itc_soft_targets == "momentum" and not r.student.model.momentum:
         raise ConfigError("loss.itc_soft_targets=momentum needs student.momentum=true")
+    if r.loss.alpha_warmup_steps < 0:
+        raise ConfigError(f"loss.alpha_warmup_steps must be >= 0 (0 = no ramp), got {r.loss.alpha_warmup_steps}")
     for name in ("batch_size", "workers"):
         if getattr(r.data, name) < (1 if name == "batch_size" else 0):
             raise ConfigError(f"data.{name} has an invalid value {getattr(r.data, name)}")

@@ -1,8 +1,8 @@
 """The frozen teacher: loaded once, no gradients, no optimizer state, run by DeepSpeed inference.
 
 It is never a submodule of the trained task, so ZeRO neither shards nor checkpoints it;
-`deepspeed.init_inference` places it on the device in fp16 (CUDA) or bf16 (CPU, where fp16 matmuls
-are slow or missing) and splits it over `tp_size` devices when it does not fit one.
+`deepspeed.init_inference` places it whole on each device in fp16 (CUDA) or bf16 (CPU, where fp16
+matmuls are slow or missing). `teacher.tp_size` must be 1: `recipe.validate_recipe` says why.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ def load_teacher(cfg: TeacherConfig) -> VLPModel:
 
 
 def to_inference(model: VLPModel, cfg: TeacherConfig, device: torch.device) -> VLPModel:
-    """Wrap the frozen teacher with `deepspeed.init_inference` (cast, placed, split over tp_size)."""
+    """Wrap the frozen teacher with `deepspeed.init_inference` (cast and placed; no tensor parallelism)."""
+    if cfg.tp_size != 1:
+        raise ConfigError(f"teacher.tp_size={cfg.tp_size}: only 1 is supported (see dlip_ds.recipe.validate_recipe)")
     import deepspeed
 
     engine = deepspeed.init_inference(
         model,
         dtype=teacher_dtype(cfg, device),
-        tensor_parallel={"tp_size": cfg.tp_size},
+        tensor_parallel={"tp_size": 1},
         replace_with_kernel_inject=False,  # keep our own attention: taps read Q and K from it
     )
     # Tasks call the stage methods of the module the engine prepared.

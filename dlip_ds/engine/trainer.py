@@ -46,21 +46,45 @@ from dlip_ds.engine.ds_config import compute_dtype, resolve_ds_config, zero_stag
 from dlip_ds.engine.evaluation import evaluate_all_ranks
 from dlip_ds.engine.logging import Monitor
 from dlip_ds.engine.metrics import Window, add_skipped_all_ranks, log_window_all_ranks
+from dlip_ds.models.vlp import MomentumMaster
 from dlip_ds.recipe import save_recipe
 from dlip_ds.timing import SpanTimer
 
 
-def momentum_update_all_ranks(student, *, zero3: bool) -> None:
-    """BLIP's EMA of the momentum encoders, after an applied update. Under ZeRO-3 the parameters are
-    shards: gather the encoders, update on every rank alike, and let rank 0's result be written back."""
+def momentum_update_all_ranks(student, *, zero3: bool, master: MomentumMaster | None = None) -> None:
+    """BLIP's EMA of the momentum encoders, after an applied update.
+
+    With `master` (the task's `MomentumMaster`, what the trainer passes) the EMA accumulates in fp32
+    from the optimizer's fp32 master weights, so a bf16/fp16 run does not round its small steps away;
+    the student's momentum copies then take its value in their own dtype. Without it the copies are the
+    EMA, updated from the (gathered, under ZeRO-3) parameters: exact in fp32 only."""
+    import deepspeed
+
+    if master is not None:
+        master.update((_fp32_weight(p) for p in student.momentum_sources()), student.cfg.momentum_coef)
+        copies = list(student.momentum.parameters())
+        with deepspeed.zero.GatheredParameters(copies, modifier_rank=0, enabled=zero3):
+            master.write_to(student)
+        return
     if not zero3:
         student.momentum_update()
         return
-    import deepspeed
-
     params = [p for name, p in student.named_parameters() if name.split(".")[0] in ("momentum", "vision", "text", "itc")]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         student.momentum_update()
+
+
+def _fp32_weight(param: torch.nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a trained parameter: DeepSpeed's fp32 master (sharded by ZeRO 1-3 and by
+    the bf16 optimizer: `safe_get_full_fp32_param` assembles it, a collective), else the parameter."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)
+    if full is not None:
+        return full
+    with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+        return param.detach().float().clone()
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, ds_config: str, resume: str | None = None) -> int:
@@ -114,6 +138,7 @@ class Trainer:
         self.state = TrainState()
         if self.resumed_from is not None:
             self.state = self.ckpt.load(self.engine, *self.resumed_from, self.generator)
+            self.resumed_from = self.ckpt.loaded  # an older tag when the chosen one failed to load
         self.last_saved = self.state.step if self.resumed_from else -1
         self.stop = StopRequest(self.run_dir)
         barrier()
@@ -165,6 +190,7 @@ class Trainer:
         non-finite losses or skipped updates in a row exceed train.max_nonfinite."""
         state, timer = self.state, self.timer
         timer.enabled = self._is_log_step(state.step + 1)  # timing synchronises the device: only when logged
+        self.task.step = state.step  # loss schedules (the ITC alpha ramp) follow the optimizer steps
         for _ in range(self.cfg.grad_accum):
             if not self.forward_backward_step():
                 return False
@@ -177,7 +203,8 @@ class Trainer:
         if self.engine.was_step_applied():
             self.bad_in_a_row = 0
             if self.student.cfg.momentum:
-                momentum_update_all_ranks(self.student, zero3=zero_stage(self.ds_cfg) == 3)
+                momentum_update_all_ranks(self.student, zero3=zero_stage(self.ds_cfg) == 3,
+                                          master=self.task.momentum_master)
         else:  # DeepSpeed found inf/nan gradients (normal while an fp16 loss scale settles)
             state.skipped_steps += 1
             self.bad_in_a_row += 1
@@ -193,7 +220,7 @@ class Trainer:
                 raw = next(self.batches)
                 self.state.micro_batches += 1
                 self.window.skipped.update(raw.pop("skipped", None) or {})
-                batch = self.task.batch_type.from_dict(raw).to(self.env.device, compute_dtype(self.ds_cfg))
+                batch = self.task.batch_type.from_dict(raw).to(self.env.device)  # fp32: each model casts its own
             with self.timer.span("forward_backward"):
                 result = self.engine(batch, teacher=self.teacher, generator=self.generator)
                 finite = not any_rank(not bool(torch.isfinite(result.loss)), self.env.device)

@@ -25,7 +25,13 @@ from dlip_ds.models.bert import (
     init_bert_weights,
     run_layers,
 )
-from dlip_ds.models.generate import beam_search, greedy, strip_prompt, until
+from dlip_ds.models.generate import (
+    LENGTH_NORMS,
+    beam_search,
+    greedy,
+    strip_prompt,
+    until,
+)
 from dlip_ds.models.vit import VisionTransformer, activation
 
 
@@ -64,7 +70,11 @@ class ModuleInfo:
     width: int
     heads: int
     head_dim: int
-    has_cross: bool
+    cross_layers: tuple[int, ...] = ()  # the layers (0-based, of this module) that carry cross-attention
+
+    @property
+    def has_cross(self) -> bool:
+        return bool(self.cross_layers)
 
 
 class TextEncoder(nn.Module):
@@ -135,6 +145,43 @@ class MomentumEncoders(nn.Module):
         self.requires_grad_(False)
 
 
+class MomentumMaster(nn.Module):
+    """The fp32 master of a model's momentum copies, for training in bf16/fp16: one fp32 buffer per
+    momentum parameter, named like it (`vision.blocks.0.attn.qkv.weight`, ...), in the same order.
+
+    An EMA with coefficient 0.995 moves each weight by 0.5% of its distance to the online weight per
+    step; held in bf16 most of that rounds away. DeepSpeed casts a module's parameters to the training
+    dtype but keeps its buffers as they are, so the EMA accumulates here in fp32 (`update`, from the
+    optimizer's fp32 master weights) and the model's momentum copies hold it rounded to their dtype for
+    the forward (`write_to`). The trainer's task owns it, so it is checkpointed with the run."""
+
+    def __init__(self, model: VLPModel):
+        super().__init__()
+        for name, child in model.momentum.named_children():
+            child = copy.deepcopy(child)
+            for module in child.modules():
+                for key, p in list(module._parameters.items()):
+                    del module._parameters[key]
+                    module.register_buffer(key, p.detach().float().clone())
+            self.add_module(name, child)
+
+    @torch.no_grad()
+    def update(self, online, coef: float) -> None:
+        """One EMA step, e = c * e + (1 - c) * p, from `online` (in `VLPModel.momentum_sources()` order)."""
+        ema = list(self.buffers())
+        online = list(online)
+        if len(online) != len(ema):
+            raise ValueError(f"MomentumMaster.update: {len(online)} online tensors for {len(ema)} momentum tensors")
+        for e, p in zip(ema, online):
+            e.mul_(coef).add_(p.to(e.device, torch.float32), alpha=1.0 - coef)
+
+    @torch.no_grad()
+    def write_to(self, model: VLPModel) -> None:
+        """The EMA into the model's momentum copies, rounded to their dtype (the caller gathers them under ZeRO-3)."""
+        for p, e in zip(model.momentum.parameters(), self.buffers()):
+            p.copy_(e)
+
+
 class VLPModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -169,16 +216,19 @@ class VLPModel(nn.Module):
             raise ConfigError("this model has no decoder (decoder.enabled=false)")
 
     def module_info(self, module: str) -> ModuleInfo:
+        """Depth, width, heads and the cross-attention layers of one module: every fusion layer; in the
+        decoder (which runs the whole multimodal layer sequence) only those from the first fused one on."""
         v, t, k = self.cfg.vision, self.cfg.text, self.cfg.fusion.layers
         if module == "vision":
-            return ModuleInfo(v.depth, v.width, v.heads, v.width // v.heads, False)
+            return ModuleInfo(v.depth, v.width, v.heads, v.width // v.heads)
         if module == "text":
-            return ModuleInfo(t.depth, t.width, t.heads, t.width // t.heads, False)
+            return ModuleInfo(t.depth, t.width, t.heads, t.width // t.heads)
         if module == "fusion":
-            return ModuleInfo(k, t.width, t.heads, t.width // t.heads, k > 0)
+            return ModuleInfo(k, t.width, t.heads, t.width // t.heads, tuple(range(k)))
         if module == "decoder":
             self._require_decoder()
-            return ModuleInfo(len(self._fused_layers()), t.width, t.heads, t.width // t.heads, k > 0)
+            depth = len(self._fused_layers())
+            return ModuleInfo(depth, t.width, t.heads, t.width // t.heads, tuple(range(self._fusion_start, depth)))
         raise ValueError(f"unknown module '{module}'; expected one of {MODULES}")
 
     def _check_taps(self, module: str, taps: TapRequest | None) -> TapRequest:
@@ -190,6 +240,10 @@ class VLPModel(nn.Module):
                     raise ValueError(f"{module} tap {kind}={i} is out of range: {module} has {info.depth} layers")
         if taps.cross_qk and not info.has_cross:
             raise ValueError(f"{module} has no cross-attention; cross_qk taps are for fusion and decoder")
+        plain = [i for i in taps.cross_qk if i not in info.cross_layers]
+        if plain:
+            raise ValueError(f"{module} tap cross_qk={plain}: only layers {list(info.cross_layers)} of {module} carry "
+                             "cross-attention")
         return taps
 
     # ------------------------------------------------------------------ masks
@@ -293,6 +347,10 @@ class VLPModel(nn.Module):
         for online, ema in self._momentum_pairs():
             ema.copy_(online)
 
+    def momentum_sources(self) -> list[nn.Parameter]:
+        """The online parameters the momentum copies follow, in the order of `self.momentum.parameters()`."""
+        return [online for online, _ in self._momentum_pairs()]
+
     def _momentum_pairs(self):
         if not self.cfg.momentum:
             raise ConfigError("this model has no momentum encoders (momentum=false)")
@@ -317,12 +375,15 @@ class VLPModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, pixel_values, tokenizer=None, prompt="a picture of ", num_beams=3, max_length=20,
-                 min_length=5, repetition_penalty=1.0):
+                 min_length=5, repetition_penalty=1.0, length_norm="generated"):
         """Caption images as BLIP's captioner: decoder input [DEC] + prompt, stop at [SEP].
 
         `max_length`/`min_length` count every token, [DEC] and prompt included (transformers' convention,
         which BLIP uses). `prompt` is text (needs `tokenizer`) or a list of token ids. Returns the captions
-        with the prompt stripped when a tokenizer is given, else the generated token ids (no prompt, no [SEP]).
+        with the prompt cut off as BLIP does (`text[len(prompt):]`) when a tokenizer is given, else the
+        generated token ids (no prompt, no [SEP]). `length_norm` ranks finished beams: "generated" (default:
+        transformers >= 4.36, what `BlipForConditionalGeneration.generate` gives today) or "total" (the
+        transformers < 4.36 rule behind BLIP's published captions); see `generate.beam_search`.
         """
         self._require_decoder()
         t = self.cfg.text
@@ -346,15 +407,19 @@ class VLPModel(nn.Module):
         start = torch.tensor([[bos] + prompt_ids], device=image_embeds.device).expand(image_embeds.shape[0], -1)
         if num_beams < 1:
             raise ValueError(f"generate: num_beams must be >= 1, got {num_beams}")
+        if length_norm not in LENGTH_NORMS:
+            raise ValueError(f"generate: length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
         if num_beams == 1:
             seqs = greedy(self, image_embeds, start, max_length, min_length, repetition_penalty, sep)
         else:
-            seqs = beam_search(self, image_embeds, start, num_beams, max_length, min_length, repetition_penalty, sep)
+            seqs = beam_search(self, image_embeds, start, num_beams, max_length, min_length, repetition_penalty, sep,
+                               length_norm=length_norm)
         n = start.shape[1]
         ids = [until(s[n:], sep) for s in seqs.tolist()]
         if tokenizer is None:
             return ids
-        return [strip_prompt(tokenizer, prompt_ids, g) for g in ids]
+        text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        return [strip_prompt(tokenizer, text, prompt_ids, g) for g in ids]
 
     def _next_logits(self, tokens, image_embeds, caches, past):
         hidden = self._decode_hidden(image_embeds, tokens, None, caches=caches, past=past)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dlip_ds.config import ConfigError, LossConfig
 from dlip_ds.losses.kd_inputs import KDInputs, KDMasks
-from dlip_ds.models.vlp import VLPModel
+from dlip_ds.models.vlp import MomentumMaster, VLPModel
 from dlip_ds.timing import SpanTimer
 
 # --------------------------------------------------------------------------- batches
@@ -38,13 +38,15 @@ class TaskBatch:
                                "in docs/architecture.md section 3")
         return cls(**values)
 
-    def to(self, device: torch.device, float_dtype: torch.dtype) -> TaskBatch:
-        """Tensors onto `device`; float tensors (images) in `float_dtype`."""
+    def to(self, device: torch.device, float_dtype: torch.dtype | None = None) -> TaskBatch:
+        """Tensors onto `device`; float tensors (images) in `float_dtype` when given. The trainer keeps
+        them fp32: each model casts its own inputs (a bf16 student must not hand an fp32 teacher
+        rounded pixels)."""
         def move(value):
             if not isinstance(value, Tensor):
                 return value
             value = value.to(device, non_blocking=True)
-            return value.to(float_dtype) if value.is_floating_point() else value
+            return value.to(float_dtype) if float_dtype is not None and value.is_floating_point() else value
 
         return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
@@ -83,8 +85,9 @@ def unwrap(teacher):
 
 
 class Task(nn.Module):
-    """Owns the student, the KD plan (None: no distillation) and the loss state; the frozen teacher
-    is passed to each call and is never part of this module, so ZeRO neither shards nor saves it.
+    """Owns the student, the KD plan (None: no distillation) and the loss state (with a momentum
+    student, the fp32 master of its EMA: `momentum_master`); the frozen teacher is passed to each call
+    and is never part of this module, so ZeRO neither shards nor saves it.
 
     Subclasses set `name` and `batch_type` and implement `compute`.
     """
@@ -97,7 +100,11 @@ class Task(nn.Module):
         self.student = student
         self.plan = plan
         self.loss_cfg = loss_cfg
+        # the fp32 EMA behind the student's momentum copies (which train in the engine's dtype)
+        momentum = getattr(getattr(student, "cfg", None), "momentum", False)
+        self.momentum_master = MomentumMaster(student) if momentum else None
         self.timer = SpanTimer()  # the trainer enables it on logging steps
+        self.step = 0  # optimizer steps applied before this one; the trainer sets it (loss schedules read it)
 
     def check_model(self, condition: bool, message: str) -> None:
         """A model-dependent requirement of the recipe, checked when the task is built."""
