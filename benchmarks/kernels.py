@@ -6,7 +6,12 @@
 - attention KD: `attention_kd_loss` backend "triton" vs "torch" (materialised maps), B x 12 heads x d 64,
   N in {64, 197, 577, 1024}, fp16 / bf16 on CUDA (fp32 on CPU);
 - LM logit KD: `linear_kd_loss` "chunked" vs "torch" (whole [tokens, 30524] logits);
-- representation KD: `repr_kd_loss` "fused" (one baddbmm over stacked pairs) vs "torch" (per pair).
+- representation KD: `repr_kd_loss` "fused" (one baddbmm over stacked pairs) vs "torch" (per pair);
+- the student's LM loss + LM KD (`--only lm_loss`, BLIP sizes on every device: width 768, vocabulary
+  30524, 24 x 35 and 1536 tokens): "torch" = the old path (whole [tokens, V] logits for the
+  label-smoothed cross-entropy, then the chunked `linear_kd_loss`), "chunked" = `linear_cross_entropy`
+  + `linear_kd_loss` (two chunked passes), "fused" = `linear_ce_kd_loss` (one pass; "fused-256" with
+  chunks of 256 tokens instead of 1024).
 
 Time: fused and reference of one shape run in turn, round after round (CUDA synchronised around each
 run), median and min over the rounds. Peak memory: the extra bytes over the inputs during one
@@ -42,13 +47,21 @@ ATTN = {"cuda": {"batch": 32, "heads": 12, "dim": 64, "lengths": [64, 197, 577, 
         "cpu": {"batch": 2, "heads": 12, "dim": 64, "lengths": [64, 197, 577, 1024]}}
 # (tokens, width); vocab 30524 everywhere
 LM = {"cuda": {"tokens": [2048, 16384], "width": 768}, "cpu": {"tokens": [256, 2048], "width": 256}}
+# student LM loss + LM KD: tokens (24 captions x 35, and 1536), width 768, vocab 30524 on every device
+LM_LOSS = {"cuda": {"tokens": [840, 1536, 8192], "width": 768}, "cpu": {"tokens": [840, 1536], "width": 768}}
 # (layer pairs, batch, tokens, student width, teacher width)
 REPR = {"cuda": [(4, 32, 197, 384, 768), (4, 32, 577, 384, 768)], "cpu": [(4, 4, 197, 384, 768), (2, 4, 577, 384, 768)]}
 
 
 def make_case(spec: dict, device: str, seed: int = 0):
     """Inputs and a forward+backward closure for one measurement."""
-    from dlip_ds.kernels import attention_kd_loss, linear_kd_loss, repr_kd_loss
+    from dlip_ds.kernels import (
+        attention_kd_loss,
+        linear_ce_kd_loss,
+        linear_cross_entropy,
+        linear_kd_loss,
+        repr_kd_loss,
+    )
 
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[spec["dtype"]]
@@ -76,6 +89,29 @@ def make_case(spec: dict, device: str, seed: int = 0):
 
         def run():
             loss = linear_kd_loss(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, temperature=2.0, backend=spec["backend"])
+            return (loss, *torch.autograd.grad(loss, inputs))
+
+    elif spec["op"] == "lm_loss":
+        t, w = spec["tokens"], spec["width"]
+        h_s, w_s, b_s = randn(t, w, grad=True), (0.05 * randn(VOCAB, w)).requires_grad_(), randn(VOCAB, grad=True)
+        h_t, w_t, b_t = randn(t, w), 0.05 * randn(VOCAB, w), randn(VOCAB)
+        labels = torch.randint(0, VOCAB, (t,), generator=g, device=device)
+        labels[::8] = -100  # padding / prompt positions predict nothing
+        inputs = (h_s, w_s, b_s)
+
+        def run():
+            kw = {"b_s": b_s, "b_t": b_t, "temperature": 2.0}
+            if spec["backend"].startswith("fused"):  # "fused": chunks of 1024 tokens, "fused-256": of 256
+                chunk = int(spec["backend"].partition("-")[2] or 1024)
+                ce, kd = linear_ce_kd_loss(h_s, w_s, labels, h_t, w_t, label_smoothing=0.1, chunk_size=chunk, **kw)
+            else:
+                if spec["backend"] == "chunked":
+                    ce = linear_cross_entropy(h_s, w_s, labels, b=b_s, label_smoothing=0.1)
+                else:  # the old task: whole logits (lm_loss), fp32 cross-entropy
+                    z = torch.nn.functional.linear(h_s, w_s, b_s).float()
+                    ce = torch.nn.functional.cross_entropy(z, labels, ignore_index=-100, label_smoothing=0.1)
+                kd = linear_kd_loss(h_s, w_s, h_t, w_t, mask=labels == -100, **kw)
+            loss = ce + kd
             return (loss, *torch.autograd.grad(loss, inputs))
 
     else:
@@ -158,6 +194,11 @@ def plan(device: str, dtypes: list[str]) -> list[dict]:
             for backend in ("chunked", "torch"):
                 specs.append({"op": "lm", "backend": backend, "dtype": dtype, "tokens": t, "width": LM[device]["width"]})
     for dtype in dtypes:
+        for t in LM_LOSS[device]["tokens"]:
+            for backend in ("fused", "fused-256", "chunked", "torch"):
+                specs.append({"op": "lm_loss", "backend": backend, "dtype": dtype, "tokens": t,
+                              "width": LM_LOSS[device]["width"]})
+    for dtype in dtypes:
         for pairs, b, n, ds, dt in REPR[device]:
             for backend in ("fused", "torch"):
                 specs.append({"op": "repr", "backend": backend, "dtype": dtype, "pairs": pairs, "batch": b, "n": n,
@@ -188,12 +229,12 @@ def machine(device: str) -> dict:
 def shape_of(r: dict) -> str:
     if r["op"] == "attention":
         return f"B{r['batch']} H{r['heads']} N{r['n']} d{r['dim']}"
-    if r["op"] == "lm":
+    if r["op"] in ("lm", "lm_loss"):
         return f"{r['tokens']} tok x D{r['width']} x V{VOCAB}"
     return f"{r['pairs']} pairs, B{r['batch']} N{r['n']} {r['ds']}->{r['dt']}"
 
 
-FUSED = {"attention": "triton", "lm": "chunked", "repr": "fused"}
+FUSED = {"attention": "triton", "lm": "chunked", "lm_loss": "fused", "repr": "fused"}
 
 
 def markdown(results: list[dict], info: dict) -> str:
@@ -220,7 +261,12 @@ def markdown(results: list[dict], info: dict) -> str:
     def ms(r):
         return f"{r['ms']:.1f} / {r['ms_min']:.1f}" if r else "n/a"
 
+    lm_loss = {k: v for k, v in rows.items() if k[0] == "lm_loss"}
+    if len(lm_loss) == len(rows):  # a run of --only lm_loss: its own table below
+        lines = lines[:-3]
     for (op, shape, dtype), by in rows.items():
+        if op == "lm_loss":
+            continue
         f, ref = by.get(FUSED[op]), by.get("torch")
         speed = f"{ref['ms'] / f['ms']:.2f}x" if f and ref else "n/a"
         mem = f"{f['peak_extra_mib'] / ref['peak_extra_mib']:.1%}" if f and ref and ref["peak_extra_mib"] > 0 else "n/a"
@@ -228,10 +274,27 @@ def markdown(results: list[dict], info: dict) -> str:
         diff = f"{f['rel_diff']:.1e}" if f else "n/a"
         lines.append(f"| {name} | {shape} | {dtype} | {ms(f)} | {ms(ref)} | {speed} | "
                      f"{cell(f, 'peak_extra_mib')} | {cell(ref, 'peak_extra_mib')} | {mem} | {diff} |")
-    lines += ["", ("Fused = Triton for attention (extra memory O(B x heads x N)), chunks of 1024 tokens for LM KD, "
+    if len(lm_loss) < len(rows):
+        lines += ["", ("Fused = Triton for attention (extra memory O(B x heads x N)), chunks of 1024 tokens for LM KD, "
               "one baddbmm over stacked layer pairs for representation KD. Reference = `backend=\"torch\"` "
               "(materialised attention maps / whole logits / one linear per pair).")]
-    if info["device"] != "cuda":
+    if lm_loss:
+        lines += ["", "Student LM loss (label smoothing 0.1) + LM KD (T = 2), forward+backward to h, W, b:", "",
+                  "| shape | dtype | path | ms (median / min) | time vs old | peak extra MiB | memory vs old | max rel. diff |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        names = {"torch": "old: whole logits + chunked KD", "chunked": "chunked CE + chunked KD",
+                 "fused": "fused CE + KD", "fused-256": "fused CE + KD, chunks of 256"}
+        for (_, shape, dtype), by in lm_loss.items():
+            old = by.get("torch")
+            for backend in ("torch", "chunked", "fused", "fused-256"):
+                r = by.get(backend)
+                if not r:
+                    continue
+                speed = f"{r['ms'] / old['ms']:.2f}x" if old else "n/a"
+                mem = f"{r['peak_extra_mib'] / old['peak_extra_mib']:.1%}" if old and old["peak_extra_mib"] > 0 else "n/a"
+                lines.append(f"| {shape} | {dtype} | {names[backend]} | {ms(r)} | {speed} | {r['peak_extra_mib']:.1f} | "
+                             f"{mem} | {r['rel_diff']:.1e} |")
+    if info["device"] != "cuda" and any(k[0] == "attention" for k in rows):
         lines += ["", ("On CPU the attention kernels run only as the PyTorch reference (the Triton path needs CUDA; "
                   "the interpreter is a correctness tool, not a timing one), so attention rows show the reference "
                   "alone. Real sizes on a GPU: `python benchmarks/kernels.py --device cuda` "
@@ -243,7 +306,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="default: bf16 fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--only", nargs="+", choices=["attention", "lm", "repr"], help="run only these ops")
+    p.add_argument("--only", nargs="+", choices=["attention", "lm", "lm_loss", "repr"], help="run only these ops")
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timing per measurement")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels_<device>.json)")
     p.add_argument("--md", type=Path, help="Markdown table path (default benchmarks/results/kernels_<device>.md)")
@@ -258,7 +321,8 @@ def main(argv=None) -> int:
     if args.child:
         print(peak_memory(json.loads(args.child), "cpu"))
         return 0
-    out = args.out or ROOT / "results" / f"kernels_{args.device}.json"
+    suffix = "".join(f"_{op}" for op in args.only or [])  # a partial run does not overwrite the full table
+    out = args.out or ROOT / "results" / f"kernels_{args.device}{suffix}.json"
     args.md = args.md or out.with_suffix(".md")
     if args.table_only:
         saved = json.loads(out.read_text())

@@ -34,7 +34,8 @@ NEG = tl.constexpr(-1.0e30)
 def _load_rows(ptr, offs_n, offs_d, n, d, stride_n, stride_d, UPCAST: tl.constexpr):
     """A [BLOCK_N, BLOCK_D] tile, zero outside [n, d]; UPCAST: as fp32 (see `_upcast`)."""
     mask = (offs_n[:, None] < n) & (offs_d[None, :] < d)
-    x = tl.load(ptr + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    offs = offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d  # int64: views of big tensors
+    x = tl.load(ptr + offs, mask=mask, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -62,7 +63,7 @@ def _attn_kd_fwd(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 batch/head offsets
     b, h = pid_bh // heads, pid_bh % heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds, offs_dt = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
@@ -125,7 +126,7 @@ def _attn_kd_bwd_dq(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
 ):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 batch/head offsets
     b, h = pid_bh // heads, pid_bh % heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ds, offs_dt = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
@@ -165,7 +166,7 @@ def _attn_kd_bwd_dk(
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PREC_S: tl.constexpr, PREC_T: tl.constexpr,
     UPCAST_S: tl.constexpr, UPCAST_T: tl.constexpr,
 ):
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 batch/head offsets
     b, h = pid_bh // heads, pid_bh % heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_ds, offs_dt = tl.arange(0, BLOCK_DS), tl.arange(0, BLOCK_DT)
@@ -216,6 +217,75 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreter_enabled()
 
 
+def kernel_meta(block_m: int, block_n: int, d_s: int, d_t: int, dtype_s: torch.dtype, dtype_t: torch.dtype,
+                causal: bool, has_kpm: bool) -> dict:
+    """The compile-time arguments of all three kernels (and num_warps)."""
+    bd_s, bd_t = _block_d(d_s), _block_d(d_t)
+    return {
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DS": bd_s, "BLOCK_DT": bd_t,
+        "CAUSAL": causal, "HAS_KPM": has_kpm, "PREC_S": _precision(dtype_s), "PREC_T": _precision(dtype_t),
+        "UPCAST_S": _upcast(dtype_s), "UPCAST_T": _upcast(dtype_t),
+        "num_warps": 4 if max(bd_s, bd_t) <= 64 else 8,
+    }
+
+
+# (BLOCK_M, BLOCK_N), largest first. Shared memory grows with the blocks, the padded head width and the
+# element size: at head width 256 in fp32 the first ones need 256-330 KiB, above every GPU's limit
+# (opt-in per block: A100 163 KiB, H100 227 KiB). benchmarks/results/attention_kd_shared_memory.json
+# holds the compiled sizes for sm_80 and sm_90 (python -m dlip_ds.kernels.triton_targets).
+BLOCKS = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+
+
+def choose_blocks(d_s: int, d_t: int, dtype_s: torch.dtype, dtype_t: torch.dtype, limit: int | None,
+                  shared_of) -> tuple[int, int]:
+    """The largest (BLOCK_M, BLOCK_N) of BLOCKS whose kernels fit `limit` bytes of shared memory.
+
+    Heads wider than 64 (padded) start at 32-key blocks (register pressure). shared_of(block_m,
+    block_n) -> bytes the three kernels need (the largest); limit None (the interpreter): the first.
+    Raises ValueError naming the widths, dtypes and limit when even the smallest blocks do not fit.
+    """
+    wide = max(_block_d(d_s), _block_d(d_t)) > 64
+    candidates = [(m, n) for m, n in BLOCKS if not wide or n <= 32]
+    if limit is None:
+        return candidates[0]
+    need = {}
+    for block_m, block_n in candidates:
+        need[block_m, block_n] = shared_of(block_m, block_n)
+        if need[block_m, block_n] <= limit:
+            return block_m, block_n
+    smallest = min(need.values())
+    raise ValueError(
+        f"attention_kd_loss (triton): relation-head widths {d_s} (student, {dtype_s}) and {d_t} (teacher, "
+        f"{dtype_t}) need {smallest} bytes of shared memory even with {candidates[-1][0]}x{candidates[-1][1]} "
+        f"blocks, above this GPU's limit of {limit} bytes; use more relation heads (narrower heads), "
+        "fp16/bf16 inputs, or backend='torch'"
+    )
+
+
+_CHOSEN: dict = {}  # (device, widths, dtypes, causal, padding) -> blocks
+
+
+def _blocks_for(args: tuple, common: tuple, d_s, d_t, dtype_s, dtype_t, causal, has_kpm) -> tuple[int, int]:
+    """choose_blocks with the sizes the kernels compile to for this GPU (Triton caches the compilations)."""
+    device = args[0].device
+    if device.type != "cuda":
+        return choose_blocks(d_s, d_t, dtype_s, dtype_t, None, None)
+    key = (str(device), _block_d(d_s), _block_d(d_t), dtype_s, dtype_t, causal, has_kpm)
+    if key not in _CHOSEN:
+        limit = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+        q_s, lse = args[0], args[5]
+        bwd_args = (*args[:7], lse, lse, q_s)  # dtypes as launched: row weights and coef are fp32, dq/dk as q_s
+
+        def shared_of(block_m, block_n):
+            meta = kernel_meta(block_m, block_n, d_s, d_t, dtype_s, dtype_t, causal, has_kpm)
+            with _on_device(device):
+                kernels = [(_attn_kd_fwd, args), (_attn_kd_bwd_dq, bwd_args), (_attn_kd_bwd_dk, bwd_args)]
+                return max(k.warmup(*a, *common, grid=(1,), **meta).metadata.shared for k, a in kernels)
+
+        _CHOSEN[key] = choose_blocks(d_s, d_t, dtype_s, dtype_t, limit, shared_of)
+    return _CHOSEN[key]
+
+
 class _AttentionKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_s, k_s, q_t, k_t, kpm, row_weight, rows, scale_s, scale_t, causal, block_m, block_n):
@@ -223,21 +293,18 @@ class _AttentionKD(torch.autograd.Function):
         n_k, d_t = k_s.shape[2], q_t.shape[3]
         lse_s = torch.empty(b, r, n_q, dtype=torch.float32, device=q_s.device)
         lse_t, kl = torch.empty_like(lse_s), torch.empty_like(lse_s)
-        meta = {
-            "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DS": _block_d(d_s), "BLOCK_DT": _block_d(d_t),
-            "CAUSAL": causal, "HAS_KPM": kpm is not None,
-            "PREC_S": _precision(q_s.dtype), "PREC_T": _precision(q_t.dtype),
-            "UPCAST_S": _upcast(q_s.dtype), "UPCAST_T": _upcast(q_t.dtype),
-            "num_warps": 4 if max(_block_d(d_s), _block_d(d_t)) <= 64 else 8,
-        }
         kpm_arg = kpm if kpm is not None else row_weight  # never read when HAS_KPM is False
         common = (
             *q_s.stride(), *k_s.stride(), *q_t.stride(), *k_t.stride(),
             kpm.stride(0) if kpm is not None else 0, n_q, n_k, r, d_s, d_t, scale_s, scale_t,
         )
+        args = (q_s, k_s, q_t, k_t, kpm_arg, lse_s, lse_t, kl)
+        if block_m is None or block_n is None:
+            block_m, block_n = _blocks_for(args, common, d_s, d_t, q_s.dtype, q_t.dtype, causal, kpm is not None)
+        meta = kernel_meta(block_m, block_n, d_s, d_t, q_s.dtype, q_t.dtype, causal, kpm is not None)
         grid = (triton.cdiv(n_q, block_m), b * r)
         with _on_device(q_s.device):
-            _attn_kd_fwd[grid](q_s, k_s, q_t, k_t, kpm_arg, lse_s, lse_t, kl, *common, **meta)
+            _attn_kd_fwd[grid](*args, *common, **meta)
         ctx.save_for_backward(q_s, k_s, q_t, k_t, kpm_arg, row_weight, rows, lse_s, lse_t)
         ctx.common, ctx.meta = common, meta
         weighted = torch.where(row_weight[:, None, :] > 0, kl, 0.0)
@@ -263,13 +330,12 @@ class _AttentionKD(torch.autograd.Function):
         return dq, dk, *([None] * 10)
 
 
-def attention_kd_triton(x: RelationInputs, *, block_m: int = 64, block_n: int | None = None) -> torch.Tensor:
+def attention_kd_triton(x: RelationInputs, *, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """The attention KD loss of `attention_kd.py` with the Triton kernels (CUDA, or the interpreter).
 
-    block_n defaults to 64, or 32 when a side's head width pads to more than 64 (register pressure).
+    Blocks default to the largest of BLOCKS that fit the GPU's shared memory (`choose_blocks`; under
+    the interpreter, 64x64, or 64x32 when a side's head width pads to more than 64).
     """
-    if block_n is None:
-        block_n = 64 if max(_block_d(x.q_s.shape[3]), _block_d(x.q_t.shape[3])) <= 64 else 32
     kpm = None if x.key_padding_mask is None else x.key_padding_mask.contiguous().view(torch.uint8)
     row_weight = x.row_valid.to(torch.float32).contiguous()
     rows = (row_weight.sum() * x.q_s.shape[1]).clamp(min=1)

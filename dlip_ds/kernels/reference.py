@@ -18,6 +18,19 @@ def accumulate(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the output-projection matmuls run in: the inputs' own on accelerators (tensor cores,
+    fp32 accumulation); fp32 on the CPU, whose fp16/bf16 GEMMs measured 4 to 70x slower than fp32
+    at vocabulary-sized shapes (and round their outputs)."""
+    return torch.promote_types(dtype, torch.float32) if device.type == "cpu" else dtype
+
+
+def project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Logits h w^T + b in the accumulation dtype, the matmul in `matmul_dtype`."""
+    mm = matmul_dtype(h.device, h.dtype)
+    return accumulate(F.linear(h.to(mm), w.to(mm), None if b is None else b.to(mm)))
+
+
 def attention_kd_reference(x: RelationInputs) -> torch.Tensor:
     """The attention KD loss of `attention_kd.py`, with both [B, R, N_q, N_k] maps in memory."""
     n_q, n_k = x.q_s.shape[2], x.k_s.shape[2]
@@ -49,13 +62,24 @@ def linear_kd_reference(
     mask: torch.Tensor | None = None, temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean over kept tokens of T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), with whole logits."""
-    z_s = accumulate(F.linear(h_s, w_s, b_s)).flatten(0, -2)
-    z_t = accumulate(F.linear(h_t.detach(), w_t.detach(), None if b_t is None else b_t.detach())).flatten(0, -2)
+    z_s = project(h_s, w_s, b_s).flatten(0, -2)
+    z_t = project(h_t.detach(), w_t.detach(), None if b_t is None else b_t.detach()).flatten(0, -2)
     logp_s = torch.log_softmax(z_s / temperature, dim=-1)
     logp_t = torch.log_softmax(z_t / temperature, dim=-1)
     kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
     keep = torch.ones_like(kl, dtype=torch.bool) if mask is None else ~mask.reshape(-1)
     return temperature**2 * torch.where(keep, kl, 0.0).sum() / keep.sum().clamp(min=1)
+
+
+def linear_ce_reference(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, *, b: torch.Tensor | None = None,
+    label_smoothing: float = 0.0, ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean over scored tokens (target != ignore_index) of the label-smoothed cross-entropy, whole logits."""
+    z = project(h, w, b).flatten(0, -2)
+    total = F.cross_entropy(z, targets.reshape(-1), reduction="sum", ignore_index=ignore_index,
+                            label_smoothing=label_smoothing)
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def repr_kd_separate(

@@ -45,21 +45,23 @@ def default_kd_terms() -> list[KDTerm]:
     ]
 
 
-def resolve_layer_map(layers, k: int, student_depth: int, teacher_depth: int, where: str) -> list[tuple[int, int]]:
+def resolve_layer_map(layers, k: int, student_depth: int, teacher_depth: int, where: str, *,
+                      counted: str = "depth") -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs, 0-based.
 
     - "uniform": every student layer i learns from teacher layer round((i+1) * T / S) - 1
       (rounded half up, at least 0): the last layers align, the others spread evenly.
     - "last-k":  the last k student layers learn from the last k teacher layers, in order.
     - [[s, t], ...]: explicit pairs.
+    `counted` names what the depths count, for messages.
     """
     s_depth, t_depth = student_depth, teacher_depth
     if layers == "uniform":
         return [(i, max((2 * (i + 1) * t_depth + s_depth) // (2 * s_depth) - 1, 0)) for i in range(s_depth)]
     if layers == "last-k":
         if not 1 <= k <= min(s_depth, t_depth):
-            raise ConfigError(f"{where}.k={k}: last-k needs 1 <= k <= min(student depth {s_depth}, "
-                              f"teacher depth {t_depth})")
+            raise ConfigError(f"{where}.k={k}: last-k needs 1 <= k <= min(student {counted} {s_depth}, "
+                              f"teacher {counted} {t_depth})")
         return [(s_depth - k + j, t_depth - k + j) for j in range(k)]
     if isinstance(layers, str):
         raise ConfigError(f"{where}.layers must be 'uniform', 'last-k' or a list of [student, teacher] pairs, "
@@ -123,10 +125,28 @@ def _check_term(term: KDTerm, student, teacher, where: str) -> tuple[tuple[int, 
         raise ConfigError(f"{where}: student and teacher cut images into different patches "
                           f"({student.cfg.vision.patch_size} vs {teacher.cfg.vision.patch_size} px), so their "
                           "image tokens do not align")
-    pairs = tuple(resolve_layer_map(term.layers, term.k, s_info.depth, t_info.depth, where))
     if term.kind == "attn":
         _check_attention(term, s_info, t_info, where)
-    return pairs
+        if term.attn == "cross":
+            return _cross_pairs(term, s_info, t_info, where)
+    return tuple(resolve_layer_map(term.layers, term.k, s_info.depth, t_info.depth, where))
+
+
+def _cross_pairs(term: KDTerm, s_info, t_info, where: str) -> tuple[tuple[int, int], ...]:
+    """Layer pairs of a cross-attention term, over the layers that carry cross-attention: in blip mode
+    the decoder runs every text layer but only the last fusion.layers attend to the image. "uniform" and
+    "last-k" count those layers only; explicit pairs must name them."""
+    s_cross, t_cross = s_info.cross_layers, t_info.cross_layers
+    if isinstance(term.layers, str):
+        pairs = resolve_layer_map(term.layers, term.k, len(s_cross), len(t_cross), where,
+                                  counted="cross-attention layers")
+        return tuple((s_cross[s], t_cross[t]) for s, t in pairs)
+    pairs = resolve_layer_map(term.layers, term.k, s_info.depth, t_info.depth, where)
+    for who, layer, cross in [("student", s, s_cross) for s, _ in pairs] + [("teacher", t, t_cross) for _, t in pairs]:
+        if layer not in cross:
+            raise ConfigError(f"{where}.layers: {who} {term.module} layer {layer} has no cross-attention; "
+                              f"only layers {list(cross)} of the {who}'s {term.module} attend to the image")
+    return tuple(pairs)
 
 
 def _check_attention(term: KDTerm, s_info, t_info, where: str) -> None:
@@ -211,6 +231,13 @@ class KDPlan(nn.Module):
         """Whether any term reads `key`: a module (its taps) or a logit output ("itc", "itm", "lm")."""
         return any(r.term.module == key for r in self.terms)
 
+    def term_for(self, logit: str) -> ResolvedTerm | None:
+        """The logit term on `logit` ("itc", "itm", "lm") when there is exactly one, else None. A task
+        that computes that term itself (the LM loss and `kd_logit_lm` in one chunked pass) reads its
+        name and temperature here and hands the plan no student inputs for it."""
+        found = [r for r in self.terms if r.term.kind == "logit" and r.term.module == logit]
+        return found[0] if len(found) == 1 else None
+
     def tap_requests(self) -> tuple[dict[str, TapRequest], dict[str, TapRequest]]:
         """(student, teacher) dicts module -> TapRequest: the union of what the terms read."""
         wanted = {side: {m: {"hidden": set(), "self_qk": set(), "cross_qk": set()} for m in MODULES}
@@ -230,11 +257,14 @@ class KDPlan(nn.Module):
         return requests("student"), requests("teacher")
 
     def forward(self, student: KDInputs, teacher: KDInputs, masks: KDMasks) -> dict[str, Tensor]:
-        """One unweighted loss per term, named as in `self.terms`."""
+        """One unweighted loss per term, named as in `self.terms`; but the single lm term is left out
+        when `student.lm` is None: the task then computed it itself (`term_for`)."""
         losses = {}
         for r in self.terms:
             term, where = r.term, f"KD term '{r.name}'"
             if term.kind == "logit":
+                if term.module == "lm" and student.lm is None and self.term_for("lm") is r:
+                    continue  # the task computed it with its LM loss (PretrainTask._language_model)
                 losses[r.name] = self._logit(term, student, teacher, masks.lm)
                 continue
             mask = masks.of(term.module)

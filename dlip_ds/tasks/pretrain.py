@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlip_ds.kernels.linear_ce import linear_ce_kd_loss, linear_cross_entropy
 from dlip_ds.losses.kd_inputs import ItcSims, KDInputs, KDMasks, LMHeadInputs
 from dlip_ds.losses.pretrain import (
     IGNORE_INDEX,
@@ -28,7 +29,6 @@ from dlip_ds.losses.pretrain import (
     itc_loss,
     itc_targets,
     itm_loss,
-    lm_loss,
     sample_hard_negatives,
     soft_targets,
     world_info,
@@ -159,9 +159,17 @@ class PretrainTask(Task):
                 out.teacher.itc = ItcSims(t_img @ gather_features(t_txt).T / t.temp,
                                           t_txt @ gather_features(t_img).T / t.temp)
             if cfg.itc_soft_targets == "teacher":
-                tgt_i2t = soft_targets(out.teacher.itc.i2t, targets, cfg.alpha)
-                tgt_t2i = soft_targets(out.teacher.itc.t2i, targets, cfg.alpha)
+                tgt_i2t = soft_targets(out.teacher.itc.i2t, targets, self.alpha())
+                tgt_t2i = soft_targets(out.teacher.itc.t2i, targets, self.alpha())
         return itc_loss(sims.i2t, sims.t2i, tgt_i2t, tgt_t2i)
+
+    def alpha(self) -> float:
+        """The weight of the soft ITC targets at this step: loss.alpha, ramped linearly from 0 over
+        loss.alpha_warmup_steps optimizer steps as BLIP's pretrain.py does over two epochs."""
+        cfg = self.loss_cfg
+        if cfg.alpha_warmup_steps <= 0:
+            return cfg.alpha
+        return cfg.alpha * min(1.0, self.step / cfg.alpha_warmup_steps)
 
     def _targets(self, batch: PretrainBatch, key_ids: Tensor | None, num_keys: int) -> Tensor:
         """Hard targets: this rank's queries sit at offset rank * B among the gathered keys."""
@@ -183,8 +191,8 @@ class PretrainTask(Task):
             key_ids = torch.cat([key_ids, q_ids])
         targets = self._targets(batch, key_ids, txt_keys.shape[0])
         with torch.no_grad():
-            tgt_i2t = soft_targets(img_m @ txt_keys.T / temp, targets, self.loss_cfg.alpha)
-            tgt_t2i = soft_targets(txt_m @ img_keys.T / temp, targets, self.loss_cfg.alpha)
+            tgt_i2t = soft_targets(img_m @ txt_keys.T / temp, targets, self.alpha())
+            tgt_t2i = soft_targets(txt_m @ img_keys.T / temp, targets, self.alpha())
         self.queue.push(img_m_all, txt_m_all, ids_all)
         return sims, targets, tgt_i2t, tgt_t2i
 
@@ -238,7 +246,21 @@ class PretrainTask(Task):
         if cfg.lm <= 0 and not distil_lm:
             return None
         head = LMHeadInputs(self.student.lm_features(s_dec.hidden), *self.student.lm_projection())
-        out.student.lm = head
+        fused = self.plan.term_for("lm") if distil_lm and cfg.lm > 0 else None
+        if fused is None:
+            out.student.lm = head  # for the plan's lm term(s)
         if cfg.lm <= 0:
             return None
-        return lm_loss(F.linear(head.features, head.weight, head.bias), labels, cfg.label_smoothing)
+        # chunks of 256 tokens, so the [B, L, V] logits never exist (at 1536 tokens: 36% of the
+        # whole-logits peak memory, benchmarks/README.md); position j predicts label j + 1
+        h, y = head.features[:, :-1], labels[:, 1:]
+        kw = {"label_smoothing": cfg.label_smoothing, "chunk_size": 256}
+        if fused is None:
+            return linear_cross_entropy(h, head.weight, y, b=head.bias, **kw)
+        # the LM loss and the plan's lm term in one pass (each chunk's student logits serve both), on
+        # the same tokens (masks.lm); the plan, given no student.lm, leaves the term to this value
+        t_head = out.teacher.lm
+        ce, out.losses[fused.name] = linear_ce_kd_loss(
+            h, head.weight, y, t_head.features[:, :-1], t_head.weight, b_s=head.bias, b_t=t_head.bias,
+            temperature=fused.term.temperature, **kw)
+        return ce
