@@ -1,5 +1,9 @@
 """The Triton attention-KD kernels against the PyTorch reference, under the Triton interpreter on
-CPU (tests/conftest.py sets TRITON_INTERPRET=1): forward and gradients, fp32 max abs diff <= 1e-4."""
+CPU (tests/conftest.py sets TRITON_INTERPRET=1): forward and gradients, fp32 max abs diff <= 1e-4.
+On a GPU host, `DLIP_TEST_DEVICE=cuda TRITON_INTERPRET=0` runs the same cases compiled for real
+(benchmarks/gpu_check.sh does)."""
+
+import os
 
 import pytest
 import torch
@@ -12,7 +16,8 @@ from dlip_ds.kernels.relation import prepare_inputs
 pytest.importorskip("triton")
 from dlip_ds.kernels.attention_kd_triton import attention_kd_triton
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread is faster
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEVICE = torch.device(os.environ.get("DLIP_TEST_DEVICE", "cpu"))  # conftest.py: tiny tensors, one thread is faster
 
 # (B, N_q, N_k, student (H, d), teacher (H, d), relation heads, causal, key padding, query padding, T)
 CASES = [
@@ -28,18 +33,18 @@ def make_case(b, n_q, n_k, student, teacher, kpm_on, qpm_on, seed=0, dtype=torch
     g = torch.Generator().manual_seed(seed)
     (h_s, d_s), (h_t, d_t) = student, teacher
     # student taps as the model returns them: [B, N, H, d] memory viewed as [B, H, N, d]
-    q_s = torch.randn(b, n_q, h_s, d_s, generator=g).to(dtype).transpose(1, 2).requires_grad_(True)
-    k_s = torch.randn(b, n_k, h_s, d_s, generator=g).to(dtype).transpose(1, 2).requires_grad_(True)
-    q_t = (2 * torch.randn(b, h_t, n_q, d_t, generator=g)).to(dtype)
-    k_t = torch.randn(b, h_t, n_k, d_t, generator=g).to(dtype)
+    q_s = torch.randn(b, n_q, h_s, d_s, generator=g).to(DEVICE, dtype).transpose(1, 2).requires_grad_(True)
+    k_s = torch.randn(b, n_k, h_s, d_s, generator=g).to(DEVICE, dtype).transpose(1, 2).requires_grad_(True)
+    q_t = (2 * torch.randn(b, h_t, n_q, d_t, generator=g)).to(DEVICE, dtype)
+    k_t = torch.randn(b, h_t, n_k, d_t, generator=g).to(DEVICE, dtype)
     kpm = qpm = None
     if kpm_on:
-        kpm = torch.rand(b, n_k, generator=g) < 0.25
+        kpm = (torch.rand(b, n_k, generator=g) < 0.25).to(DEVICE)
         kpm[0, :5] = True  # left padding: with causal, the first rows see no key
         if b > 1:
             kpm[1] = True  # a fully padded sequence
     if qpm_on:
-        qpm = torch.rand(b, n_q, generator=g) < 0.3
+        qpm = (torch.rand(b, n_q, generator=g) < 0.3).to(DEVICE)
     return q_s, k_s, q_t, k_t, kpm, qpm
 
 
