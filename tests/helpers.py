@@ -140,3 +140,33 @@ def write_vocab(d: Path, words: list[str]) -> Path:
     """`d/vocab.txt`: BERT's five special tokens (ids 0-4), then `words` (ids 5, 6, ...). Returns `d`."""
     (d / "vocab.txt").write_text("\n".join([*BERT_SPECIALS, *words]) + "\n")
     return d
+
+
+def salesforce_vision_key(key: str) -> str:
+    """transformers' BLIP vision names -> Salesforce `visual_encoder` names (the official conversion, inverted)."""
+    for hf, sf in (("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj"),
+                   ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
+                   ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
+                   ("vision_model.post_layernorm", "visual_encoder.norm"),
+                   ("vision_model.encoder.layers", "visual_encoder.blocks"),
+                   ("self_attn.projection", "attn.proj"), ("self_attn.qkv", "attn.qkv"),
+                   ("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
+        key = key.replace(hf, sf)
+    return key
+
+
+def make_engine_assets(root, *, train: int):
+    """Synthetic shards (32 px) under root/synth, their tokenizer, and a tiny teacher in the export
+    format under root/teacher: what the training-run tests start from."""
+    import torch
+
+    from dlip_ds.data import load_tokenizer
+    from dlip_ds.data.synth import synth
+    from dlip_ds.models.dlip_format import save_model
+    from dlip_ds.models.load import load_model
+
+    synth(root / "synth", train=train, test=8, image_size=32, shard_size=16)
+    tokenizer = load_tokenizer(root / "synth" / "tokenizer")
+    torch.manual_seed(0)
+    save_model(load_model("test-tiny", text={"vocab_size": len(tokenizer)}), root / "teacher", tokenizer)
+    return root

@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import salesforce_vision_key
 
 from dlip_ds.config import ConfigError
 from dlip_ds.models.generate import strip_prompt
@@ -224,15 +225,7 @@ def salesforce_checkpoint(tmp_path, *, vision_width=64, vision_heads=4, vocab=40
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
     state = {}
     for key, value in ret.state_dict().items():
-        for hf, sf in (("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj"),
-                       ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
-                       ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
-                       ("vision_model.post_layernorm", "visual_encoder.norm"),
-                       ("vision_model.encoder.layers", "visual_encoder.blocks"),
-                       ("self_attn.projection", "attn.proj"), ("self_attn.qkv", "attn.qkv"),
-                       ("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
-            key = key.replace(hf, sf)
-        state[key] = value
+        state[salesforce_vision_key(key)] = value
     med = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48,
            "vocab_size": vocab, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "max_position_embeddings": 40}
     tmp_path.mkdir(parents=True, exist_ok=True)

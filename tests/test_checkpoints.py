@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import salesforce_vision_key
 from safetensors.torch import load_file, save_file
 
 import dlip_ds
@@ -189,19 +190,6 @@ def test_export_hf_refuses_other_topologies(tmp_path, tiny):
 
 
 # --------------------------------------------------------------------------- Salesforce BLIP .pth
-
-
-def salesforce_vision_key(key: str) -> str:
-    """transformers' BLIP vision names -> Salesforce `visual_encoder` names (the official conversion, inverted)."""
-    for hf, sf in (("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj"),
-                   ("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed"),
-                   ("vision_model.embeddings.class_embedding", "visual_encoder.cls_token"),
-                   ("vision_model.post_layernorm", "visual_encoder.norm"),
-                   ("vision_model.encoder.layers", "visual_encoder.blocks"),
-                   ("self_attn.projection", "attn.proj"), ("self_attn.qkv", "attn.qkv"),
-                   ("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
-        key = key.replace(hf, sf)
-    return key
 
 
 def salesforce_state(ret, cap=None, momentum=None) -> dict:

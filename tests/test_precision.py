@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_engine_assets
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
@@ -29,17 +30,7 @@ ALPHA, ALPHA_WARMUP = 0.4, 2
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Synthetic shards (32 px), their tokenizer, and a tiny teacher saved in the export format."""
-    from dlip_ds.data import load_tokenizer
-    from dlip_ds.data.synth import synth
-    from dlip_ds.models.dlip_format import save_model
-    from dlip_ds.models.load import load_model
-
-    root = tmp_path_factory.mktemp("precision")
-    synth(root / "synth", train=32, test=8, image_size=32, shard_size=16)
-    tokenizer = load_tokenizer(root / "synth" / "tokenizer")
-    torch.manual_seed(0)
-    save_model(load_model("test-tiny", text={"vocab_size": len(tokenizer)}), root / "teacher", tokenizer)
-    return root
+    return make_engine_assets(tmp_path_factory.mktemp("precision"), train=32)
 
 
 def _recipe_overrides(assets: Path) -> list[str]:
