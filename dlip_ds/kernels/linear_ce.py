@@ -15,6 +15,7 @@ from .linear_kd import (
     ChunkedLinearLosses,
     ChunkOptions,
     check_projection,
+    check_teacher,
     student_inputs,
 )
 from .reference import linear_ce_reference, linear_kd_reference
@@ -78,12 +79,7 @@ def linear_ce_kd_loss(
     """
     op = "linear_ce_kd_loss"
     _check(op, h_s, w_s, b_s, targets, label_smoothing, chunk_size)
-    check_projection(op, "teacher", h_t, w_t, b_t)
-    if h_t.shape[:-1] != h_s.shape[:-1] or w_t.shape[0] != w_s.shape[0]:
-        raise ValueError(f"{op}: teacher h {tuple(h_t.shape)}, w {tuple(w_t.shape)} do not match the student's "
-                         f"tokens {tuple(h_s.shape[:-1])} and vocabulary {w_s.shape[0]}")
-    if not temperature > 0:
-        raise ValueError(f"{op}: need temperature > 0, got {temperature}")
+    check_teacher(op, h_s, w_s, h_t, w_t, b_t, temperature)
     if resolve_backend(op, backend, h_s.device, BACKENDS, cpu_auto="chunked") == "torch":
         ce = linear_ce_reference(h_s, w_s, targets, b=b_s, label_smoothing=label_smoothing, ignore_index=ignore_index)
         kd = linear_kd_reference(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, mask=targets == ignore_index,

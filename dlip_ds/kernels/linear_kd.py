@@ -179,19 +179,15 @@ def linear_kd_loss(
     device), "torch" (whole logits, the reference), or "auto" (chunked on every device: it is plain
     PyTorch, and on CPU too it measured faster and smaller than whole logits, benchmarks/README.md).
     """
-    if h_s.shape[:-1] != h_t.shape[:-1]:
-        raise ValueError(f"linear_kd_loss: h_s {tuple(h_s.shape)} and h_t {tuple(h_t.shape)} differ in tokens")
     check_projection("linear_kd_loss", "student", h_s, w_s, b_s)
-    check_projection("linear_kd_loss", "teacher", h_t, w_t, b_t)
-    if w_s.shape[0] != w_t.shape[0]:
-        raise ValueError(f"linear_kd_loss: vocabularies differ (student {w_s.shape[0]}, teacher {w_t.shape[0]})")
+    check_teacher("linear_kd_loss", h_s, w_s, h_t, w_t, b_t, temperature)
     if mask is not None and (mask.dtype != torch.bool or mask.shape != h_s.shape[:-1]):
         raise ValueError(
             f"linear_kd_loss: mask must be bool {tuple(h_s.shape[:-1])} (True = ignore), "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    if not temperature > 0 or chunk_size < 1:
-        raise ValueError(f"linear_kd_loss: need temperature > 0 and chunk_size >= 1, got {temperature}, {chunk_size}")
+    if chunk_size < 1:
+        raise ValueError(f"linear_kd_loss: need chunk_size >= 1, got {chunk_size}")
     if resolve_backend("linear_kd_loss", backend, h_s.device, BACKENDS, cpu_auto="chunked") == "torch":
         return linear_kd_reference(h_s, w_s, h_t, w_t, b_s=b_s, b_t=b_t, mask=mask, temperature=temperature)
     keep = None if mask is None else ~mask.reshape(-1)
@@ -208,6 +204,17 @@ def check_projection(op: str, side: str, h: torch.Tensor, w: torch.Tensor, b: to
         raise ValueError(f"{op}: {side} weight must be [V, {h.shape[-1]}], got {tuple(w.shape)}")
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"{op}: {side} bias must be [{w.shape[0]}], got {tuple(b.shape)}")
+
+
+def check_teacher(op: str, h_s, w_s, h_t, w_t, b_t, temperature: float) -> None:
+    """The teacher side of an LM distillation: the student's tokens and vocabulary, T > 0."""
+    if h_s.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(f"{op}: h_s {tuple(h_s.shape)} and h_t {tuple(h_t.shape)} differ in tokens")
+    check_projection(op, "teacher", h_t, w_t, b_t)
+    if w_s.shape[0] != w_t.shape[0]:
+        raise ValueError(f"{op}: vocabularies differ (student {w_s.shape[0]}, teacher {w_t.shape[0]})")
+    if not temperature > 0:
+        raise ValueError(f"{op}: need temperature > 0, got {temperature}")
 
 
 def student_inputs(h, w, b):
