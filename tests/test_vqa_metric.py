@@ -121,6 +121,10 @@ def test_scores_per_answer_type():
     assert set(out) == {"accuracy", "accuracy_yes/no", "accuracy_number", "accuracy_other", "questions"}
 
 
+def test_scores_of_a_split_without_answers():
+    assert vqa_scores({1: "yes"}, [{"question_id": 1, "answers": [], "answer_type": "yes/no"}]) == {"questions": 0}
+
+
 def test_scores_refuse_a_missing_prediction():
     with pytest.raises(ValueError, match="no prediction for question 2"):
         vqa_scores({1: "yes"}, [{"question_id": 1, "answers": ["yes"]}, {"question_id": 2, "answers": ["no"]}])

@@ -21,8 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from dlip_ds.config import ConfigError, DataConfig
+from dlip_ds.eval.retrieval import dist_info, model_device
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +130,8 @@ def vqa_scores(predictions: Mapping, questions: Iterable[Mapping]) -> dict:
     `accuracy_other`: the types present), and `questions`, how many were scored. `predictions` maps a
     question id to its answer; `questions` are dicts with `question_id`, `answers` (every annotator's answer)
     and `answer_type` (None: counted in the overall accuracy only). A question without answers (a test split)
-    is not scored; a scored question without a prediction is an error."""
+    is not scored; a scored question without a prediction is an error. With no question scored there is no
+    accuracy to give: only `questions` (0) comes back."""
     total, per_type = [], {}
     for q in questions:
         try:
@@ -137,6 +146,8 @@ def vqa_scores(predictions: Mapping, questions: Iterable[Mapping]) -> dict:
         total.append(acc)
         if q.get("answer_type") is not None:
             per_type.setdefault(str(q["answer_type"]), []).append(acc)
+    if not total:
+        return {"questions": 0}
     out = {"accuracy": _percent(total)}
     known = [t for t in ANSWER_TYPES if t in per_type] + sorted(t for t in per_type if t not in ANSWER_TYPES)
     out.update({f"accuracy_{t}": _percent(per_type[t]) for t in known})
@@ -145,7 +156,7 @@ def vqa_scores(predictions: Mapping, questions: Iterable[Mapping]) -> dict:
 
 
 def _percent(values: list[float]) -> float:
-    return 100.0 * sum(values) / len(values) if values else 0.0
+    return 100.0 * sum(values) / len(values)
 
 
 def write_vqa_predictions(path: str | Path, predictions: Mapping | Iterable[Mapping]) -> Path:
@@ -164,3 +175,104 @@ def write_vqa_predictions(path: str | Path, predictions: Mapping | Iterable[Mapp
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- evaluation loop
+
+
+def _question_total(shards) -> int | None:
+    """Questions in `shards` when a directory's manifest counts them (the progress bar's ETA), else None."""
+    from dlip_ds.data.shards import read_manifest
+
+    if not isinstance(shards, (str, Path)) or not Path(shards).is_dir():
+        return None
+    manifest = read_manifest(shards) or {}
+    total = manifest.get("questions")
+    return total if isinstance(total, int) and total > 0 else None
+
+
+@torch.no_grad()
+def predict_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = None, k: int = 128, num_beams: int = 3,
+                max_length: int = 10, min_length: int = 1, batch_size: int = 64, data_cfg=None,
+                device: torch.device | None = None, rank: int | None = None, world_size: int | None = None,
+                progress: bool = True) -> tuple[list[dict], int]:
+    """(rows, skipped samples): every question of `shards` answered, `{"question_id", "answer",
+    "gt_answers", "answer_type"}` in question-id order, gathered from every rank (each reads its slice)."""
+    from dlip_ds.data.vqa import make_vqa_epoch_loader
+
+    rank, world_size = dist_info(rank, world_size)
+    device = device or model_device(model)
+    cfg = data_cfg or DataConfig()
+    loader = make_vqa_epoch_loader(shards, cfg, tokenizer, model.cfg.vision, rank=rank, world_size=world_size,
+                                   batch_size=batch_size)
+    if answer_list is not None:
+        k = min(k, len(answer_list))  # BLIP's top-k of the first answer token cannot exceed the list
+    total = _question_total(shards)
+    # Rank 0 shows its own share; the ranks read about equal slices.
+    bar = tqdm(total=-(-total // world_size) if total else None, desc="VQA " + ("rank" if answer_list else "generate"),
+               unit="q", disable=not progress or rank != 0, dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    rows, skipped = [], 0
+    try:
+        for batch in loader:
+            skipped += sum(batch.get("skipped", {}).values())
+            if "question_keys" not in batch:  # a worker's last batch may carry only skip counts
+                continue
+            answers = model.vqa_answer(batch["pixel_values"].to(device), batch["question_input_ids"].to(device),
+                                       batch["question_attention_mask"].to(device), answers=answer_list, k=k,
+                                       num_beams=num_beams, max_length=max_length, min_length=min_length,
+                                       tokenizer=tokenizer)
+            rows += [{"question_id": q, "answer": a, "gt_answers": list(g), "answer_type": t} for q, a, g, t in
+                     zip(batch["question_keys"], answers, batch["gt_answers"], batch["answer_types"], strict=True)]
+            bar.update(len(answers))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if world_size > 1:
+        parts: list = [None] * world_size
+        dist.all_gather_object(parts, (rows, skipped))
+        rows = [r for part_rows, _ in parts for r in part_rows]
+        skipped = sum(s for _, s in parts)
+    return _in_question_order(rows, shards), skipped
+
+
+def _in_question_order(rows: list[dict], shards) -> list[dict]:
+    seen = set()
+    for r in rows:
+        if r["question_id"] in seen:
+            raise ConfigError(f"{shards}: question id {r['question_id']!r} occurs twice (VQA question ids must be "
+                              "unique: its predictions could not be told apart)")
+        seen.add(r["question_id"])
+    # Integer ids in number order (the server's); anything else after them, as text.
+    return sorted(rows, key=lambda r: (0, r["question_id"], "") if isinstance(r["question_id"], int)
+                  else (1, 0, str(r["question_id"])))
+
+
+def evaluate_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = None, k: int = 128,
+                 num_beams: int = 3, max_length: int = 10, min_length: int = 1, batch_size: int = 64, data_cfg=None,
+                 device: torch.device | None = None, rank: int | None = None, world_size: int | None = None,
+                 progress: bool = True) -> tuple[dict, list[dict]]:
+    """(metrics, predictions) of `model` on the VQA `shards`, on every rank: `vqa_scores`' accuracies plus
+    "mode" ("rank": BLIP's ranking of `answer_list`, the top `k` answers by their first token re-scored
+    whole; "generate": beam search, BLIP's defaults), "seconds" and "skipped" (unreadable samples), and
+    `[{"question_id", "answer"}]` in question-id order."""
+    start = time.perf_counter()
+    if answer_list is not None and not answer_list:
+        raise ValueError("the answer list is empty: pass None to generate answers instead")
+    rows, skipped = predict_vqa(model, shards, tokenizer, answer_list=answer_list, k=k, num_beams=num_beams,
+                                max_length=max_length, min_length=min_length, batch_size=batch_size,
+                                data_cfg=data_cfg, device=device, rank=rank, world_size=world_size, progress=progress)
+    if not rows:
+        raise ValueError(f"no VQA question read from {shards} ({skipped} samples skipped)")
+    predictions = {r["question_id"]: r["answer"] for r in rows}
+    questions = [{"question_id": r["question_id"], "answers": r["gt_answers"], "answer_type": r["answer_type"]}
+                 for r in rows]
+    metrics = vqa_scores(predictions, questions)
+    if not metrics["questions"]:
+        log.warning("no question of %s has answers (a test split?): no accuracy, predictions only", shards)
+    if skipped:
+        log.warning("%d VQA samples of %s were skipped (unreadable): their questions are not scored", skipped, shards)
+    metrics.update({"mode": "generate" if answer_list is None else "rank", "skipped": skipped,
+                    "seconds": time.perf_counter() - start})
+    return metrics, [{"question_id": r["question_id"], "answer": r["answer"]} for r in rows]
