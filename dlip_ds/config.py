@@ -102,6 +102,9 @@ class DecoderConfig:
     enabled: bool = True
     # BLIP pretraining: the decoder shares every weight with the text encoder but self-attention.
     share: bool = True
+    # What the decoder's cross-attention reads: "image" (captioning, pretraining) or "question" (BLIP_VQA's
+    # answer decoder: a separate stack, share=false, attending to the question states of `fuse`).
+    context: Literal["image", "question"] = "image"
 
 
 @dataclass
@@ -386,6 +389,16 @@ def validate_model(cfg: ModelConfig, path: str = "model") -> None:
             f"{path}.fusion.layers={cfg.fusion.layers} exceeds text.depth={t.depth} "
             "(blip mode puts cross-attention inside text layers)"
         )
+    d = cfg.decoder
+    if d.enabled and d.context == "question":
+        if d.share:
+            raise ConfigError(f"{path}.decoder.context='question' needs {path}.decoder.share=false: the answer "
+                              "decoder reads the question, so it cannot share the text encoder's cross-attention")
+        if cfg.fusion.layers == 0:
+            raise ConfigError(f"{path}.decoder.context='question' needs {path}.fusion.layers > 0: the question "
+                              "states come from the fusion (cross-attention to the image)")
+    if d.context not in ("image", "question"):  # also checked here for configs built in code
+        raise ConfigError(f"{path}.decoder.context must be 'image' or 'question', got '{d.context}'")
 
 
 def check_kd_term(term: KDTerm, where: str) -> None:
