@@ -1,4 +1,5 @@
-"""`dlip-ds evaluate MODEL --data SHARDS_OR_JSON`: retrieval and captioning metrics of a model.
+"""`dlip-ds evaluate MODEL --data SHARDS_OR_JSON`: retrieval and captioning metrics of a model, or with
+`--task vqa` its VQAv2 accuracy on VQA shards (OUT/vqa_metrics.json, OUT/vqa_predictions.json for the server).
 
 MODEL is anything `dlip_ds.load_model` takes, or a training run directory. Under `torchrun` or the
 `deepspeed` launcher (RANK / WORLD_SIZE set) every rank scores a slice and rank 0 writes the results.
@@ -17,21 +18,33 @@ import torch
 from dlip_ds.config import ConfigError
 from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning, find_java
 from dlip_ds.eval.retrieval import evaluate_retrieval
+from dlip_ds.eval.vqa import evaluate_vqa, write_vqa_predictions
 from dlip_ds.models.generate import LENGTH_NORMS
 
 log = logging.getLogger(__name__)
 
-TASKS = ("retrieval", "captioning")
+TASKS = ("retrieval", "captioning")  # "all"; VQA reads its own data (--task vqa)
+DEFAULT_K = {"retrieval": 256, "vqa": 128}
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a run directory, an exported model, a preset, a BLIP checkpoint")
-    p.add_argument("--data", required=True, help="evaluation shards (read as one exact epoch) or a Karpathy-split JSON")
+    p.add_argument("--data", required=True, help="evaluation shards (read as one exact epoch) or a Karpathy-split JSON; "
+                                                 "VQA shards with --task vqa")
     p.add_argument("--images", default=None, help="image root for a Karpathy JSON")
-    p.add_argument("--task", choices=(*TASKS, "all"), default="all")
+    p.add_argument("--task", choices=(*TASKS, "vqa", "all"), default="all", help="all: retrieval and captioning")
     p.add_argument("--itc-only", action="store_true", help="retrieval by ITC similarity alone (no ITM re-ranking)")
-    p.add_argument("--k", type=int, default=256, help="candidates re-ranked by ITM per query (BLIP: 256 on COCO)")
+    p.add_argument("--k", type=int, default=None,
+                   help="retrieval: candidates re-ranked by ITM per query (default 256, BLIP's on COCO); VQA ranking: "
+                        "answers re-scored whole after the first-token top-k (default 128, BLIP's)")
+    p.add_argument("--answer-list", default=None, metavar="FILE",
+                   help="VQA: the candidate answers to rank (BLIP's answer_list.json; default: answer_list.json "
+                        "beside the shards)")
+    p.add_argument("--vqa-mode", choices=("rank", "generate"), default=None,
+                   help="VQA: rank the answer list (BLIP's VQAv2 protocol) or generate free answers (default: rank "
+                        "when an answer list is found, else generate)")
+    p.add_argument("--workers", type=int, default=None, help="VQA: data loader workers per rank (default: 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-beams", type=int, default=CaptionSettings.num_beams)
     p.add_argument("--prompt", default=CaptionSettings.prompt)
@@ -154,25 +167,41 @@ def _init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dlip_ds.data import load_eval_set
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world_size, device = _init_distributed(args.device)
     model, tokenizer, model_dir = load_model_source(args.model, args.tokenizer)
     model.to(device).eval()
     if args.tokenizer or tokenizer is None:
         tokenizer = resolve_tokenizer(args.tokenizer, model_dir, args.data)
+    if args.task == "vqa":
+        run_vqa(args, model, tokenizer, rank=rank, world_size=world_size, device=device)
+    else:
+        _run_pairs(args, model, tokenizer, rank=rank, world_size=world_size, device=device)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    model_path = Path(args.model)
+    return Path(args.out) if args.out else (model_path / "eval" if model_path.is_dir() else Path("eval"))
+
+
+def _run_pairs(args: argparse.Namespace, model, tokenizer, *, rank: int, world_size: int, device) -> None:
+    """Retrieval and captioning on an evaluation set of image-text pairs."""
+    from dlip_ds.data import load_eval_set
+
     eval_set = load_eval_set(args.data, image_root=args.images)
     tasks = TASKS if args.task == "all" else (args.task,)
     settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt, length_norm=args.length_norm)
-    metrics, captions = evaluate(model, eval_set, tokenizer, tasks=tasks, k=args.k, itc_only=args.itc_only,
+    k = DEFAULT_K["retrieval"] if args.k is None else args.k
+    metrics, captions = evaluate(model, eval_set, tokenizer, tasks=tasks, k=k, itc_only=args.itc_only,
                                  batch_size=args.batch_size, caption_settings=settings, device=device, rank=rank,
                                  world_size=world_size)
     if rank == 0:
-        model_path = Path(args.model)
-        out = Path(args.out) if args.out else (model_path / "eval" if model_path.is_dir() else Path("eval"))
+        out = _out_dir(args)
         info = {"model": args.model, "data": args.data, "images": len(eval_set.image_ids),
-                "texts": len(eval_set.captions), "k": None if args.itc_only else args.k}
+                "texts": len(eval_set.captions), "k": None if args.itc_only else k}
         if "captioning" in metrics:
             java = find_java()
             info["length_norm"] = settings.length_norm
@@ -185,6 +214,50 @@ def run(args: argparse.Namespace) -> int:
             write_tensorboard(args.tensorboard, metrics, args.step)
         print(format_table(metrics))
         print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'captions.json'}" if captions is not None else ""))
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return 0
+
+
+# ----------------------------------------------------------------------------- VQA
+
+
+def resolve_vqa_answers(answer_list: str | None, mode: str | None, data: str) -> tuple[str, list[str] | None]:
+    """(mode, answers to rank or None): --vqa-mode, else "rank" when an answer list is found (--answer-list,
+    or answer_list.json beside the shards), else "generate"."""
+    from dlip_ds.data import load_answer_list
+
+    if mode == "generate":
+        if answer_list:
+            log.warning("--vqa-mode generate: --answer-list %s is not used", answer_list)
+        return mode, None
+    answers = load_answer_list(answer_list or data)
+    if answers is None:
+        if mode == "rank":
+            raise ConfigError(f"--vqa-mode rank needs an answer list: pass --answer-list FILE or put answer_list.json "
+                              f"beside the shards of {data}")
+        return "generate", None
+    return "rank", answers
+
+
+def run_vqa(args: argparse.Namespace, model, tokenizer, *, rank: int, world_size: int, device) -> None:
+    """VQAv2 accuracy on VQA shards: OUT/vqa_metrics.json and OUT/vqa_predictions.json (the server's format)."""
+    from dlip_ds.config import DataConfig
+
+    mode, answers = resolve_vqa_answers(args.answer_list, args.vqa_mode, args.data)
+    k = DEFAULT_K["vqa"] if args.k is None else args.k
+    data_cfg = DataConfig() if args.workers is None else DataConfig(workers=args.workers)
+    metrics, predictions = evaluate_vqa(model, args.data, tokenizer, answer_list=answers, k=k,
+                                        num_beams=args.num_beams, batch_size=args.batch_size, data_cfg=data_cfg,
+                                        device=device, rank=rank, world_size=world_size)
+    if rank != 0:
+        return
+    out = _out_dir(args)
+    info = {"model": args.model, "data": args.data, "answer_list": args.answer_list if answers is not None else None,
+            "answers": len(answers) if answers is not None else None, "k": k if answers is not None else None,
+            "num_beams": args.num_beams if answers is None else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vqa_metrics.json").write_text(json.dumps({**info, **metrics}, indent=2) + "\n")
+    write_vqa_predictions(out / "vqa_predictions.json", predictions)
+    scalars = {"vqa": {name: v for name, v in metrics.items() if isinstance(v, (int, float)) and name != "seconds"}}
+    if args.tensorboard:
+        write_tensorboard(args.tensorboard, scalars, args.step)
+    print(format_table(scalars))
+    print(f"wrote {out / 'vqa_metrics.json'} and {out / 'vqa_predictions.json'} ({mode} mode)")
