@@ -11,7 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from dlip_ds.cli import main
-from dlip_ds.data.synth import COLOURS, HELD_OUT, SHAPES, make_sample
+from dlip_ds.data.synth import make_sample
+from dlip_ds.data.synth_words import COLOURS, HELD_OUT, SHAPES
 from dlip_ds.data.text import load_tokenizer
 
 PAIR = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})(e?s)?\b")

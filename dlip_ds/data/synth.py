@@ -4,10 +4,14 @@ Scenes of coloured shapes on varied backgrounds: one object (size, colour, shape
 group (count), or two objects in a spatial relation. Every image gets several captions from
 different templates (relations are also described from the other object's side). Some
 (colour, shape) pairs never occur in training; every test scene contains at least one of them, so
-the test set measures composition, not memory. Sample i of a split depends only on (seed, split, i).
+the test set measures composition, not memory. Every image also gets about three VQAv2-style
+questions with ten annotator answers each (`synth_qa`), in both splits, so one set serves
+pretraining, retrieval, captioning and VQA. Sample i of a split depends only on (seed, split, i).
 
-Layout: DIR/train/*.tar, DIR/test/*.tar (each with manifest.json) and DIR/tokenizer/, a WordPiece
-vocabulary trained on the training captions that `load_tokenizer` reads with no download.
+Layout: DIR/train/*.tar, DIR/test/*.tar (each with manifest.json; a sample's json holds "captions"
+and "qa"), DIR/answer_list.json (every canonical answer, BLIP's format) and DIR/tokenizer/, a
+WordPiece vocabulary trained on the training captions, questions and answers that `load_tokenizer`
+reads with no download.
 """
 
 from __future__ import annotations
@@ -24,30 +28,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dlip_ds.data.shards import ShardSink
+from dlip_ds.data.shards import ShardSink, write_json_atomic
+from dlip_ds.data.synth_qa import canonical_answers, scene_questions
+from dlip_ds.data.synth_words import (
+    COLOURS,
+    HELD_OUT,
+    NUMBERS,
+    POSITIONS,
+    an,
+    pair_pool,
+    plural,
+)
 
-COLOURS = {
-    "red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215), "yellow": (240, 205, 30),
-    "purple": (135, 50, 175), "orange": (245, 130, 20), "white": (248, 248, 248), "black": (18, 18, 18),
-}
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
-# Never rendered in training; every test scene shows at least one. Each colour loses one shape and
-# each shape loses at least one colour, so every word is still learnt from training.
-HELD_OUT = frozenset({
-    ("red", "triangle"), ("green", "star"), ("blue", "circle"), ("yellow", "square"),
-    ("purple", "cross"), ("orange", "diamond"), ("white", "star"), ("black", "square"),
-})
 SIZES = {"small": (0.07, 0.10), "large": (0.15, 0.20)}  # radius as a fraction of the image side
-POSITIONS = {  # name -> centre (fractions of the image side)
-    "top left": (0.22, 0.22), "top": (0.5, 0.22), "top right": (0.78, 0.22),
-    "left": (0.22, 0.5), "center": (0.5, 0.5), "right": (0.78, 0.5),
-    "bottom left": (0.22, 0.78), "bottom": (0.5, 0.78), "bottom right": (0.78, 0.78),
-}
-NUMBERS = {2: "two", 3: "three", 4: "four"}
 # Muted background tones (objects are saturated, or white/black, so they stay visible).
 BACKGROUNDS = {"gray": (150, 150, 150), "beige": (215, 200, 165), "teal": (95, 150, 150),
                "pink": (220, 170, 180), "olive": (140, 140, 90), "slate": (100, 110, 130)}
 TEXTURES = ("plain", "striped", "checkered", "noisy", "gradient")
+ANSWER_LIST = "answer_list.json"
 SUPERSAMPLE = 4  # draw large, then downsample: antialiased edges
 
 
@@ -60,19 +58,6 @@ class Obj:
     y: float
     radius: float  # fraction of the side
     angle: float  # degrees
-
-
-def an(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def plural(shape: str) -> str:
-    return shape + ("es" if shape.endswith("s") else "s")
-
-
-def _pair_pool(held_out: bool) -> list[tuple[str, str]]:
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    return sorted(HELD_OUT) if held_out else [p for p in pairs if p not in HELD_OUT]
 
 
 # --------------------------------------------------------------------------- scenes
@@ -130,7 +115,7 @@ _RELATIONS = {"left of": ("to the left of", "to the right of"), "above": ("above
 
 def _scene_relation(rng, pairs, bg, need_held_out: bool):
     first = rng.choice(pairs)
-    pool = [p for p in _pair_pool(False) + sorted(HELD_OUT) if p != first] if need_held_out else \
+    pool = [p for p in pair_pool(False) + sorted(HELD_OUT) if p != first] if need_held_out else \
         [p for p in pairs if p != first]
     second = rng.choice(pool)
     if rng.random() < 0.5:
@@ -235,10 +220,11 @@ def render(rng: random.Random, objs: list[Obj], bg: str, texture: str, image_siz
 
 
 def make_sample(seed: int, split: str, index: int, image_size: int, n_captions: int = 3) -> dict:
-    """Sample `index` of `split`: a PNG and its captions; depends only on its arguments."""
+    """Sample `index` of `split`: a PNG, its captions and its questions (`qa`, ids index * 10 + k);
+    depends only on its arguments."""
     rng = random.Random(f"dlip-synth/{seed}/{split}/{index}")  # str seeds hash stably across runs
     test = split == "test"
-    pairs = _pair_pool(held_out=test)
+    pairs = pair_pool(held_out=test)
     bg, texture = rng.choice(list(BACKGROUNDS)), rng.choice(TEXTURES)
     kind = rng.choices(("single", "count", "relation"), weights=(0.3, 0.3, 0.4))[0]
     if kind == "single":
@@ -251,34 +237,41 @@ def make_sample(seed: int, split: str, index: int, image_size: int, n_captions: 
     captions = rng.sample(templates, n_captions)
     buf = io.BytesIO()
     render(rng, objs, bg, texture, image_size).save(buf, format="PNG")
-    return {"png": buf.getvalue(), "captions": captions, "kind": kind}
+    # The questions draw from their own stream, so adding them left the images and captions as they were.
+    qa_rng = random.Random(f"dlip-synth-qa/{seed}/{split}/{index}")
+    qa = scene_questions(qa_rng, kind, objs, test=test, first_id=index * 10)
+    return {"png": buf.getvalue(), "captions": captions, "kind": kind, "qa": qa}
 
 
 # --------------------------------------------------------------------------- writing
 
 
 def write_split(out: Path, split: str, n: int, *, seed: int, image_size: int, shard_size: int) -> list[str]:
+    """Write the split's shards; returns its texts (captions, questions, answers) for the tokenizer."""
     from tqdm import tqdm
 
-    captions: list[str] = []
+    texts: list[str] = []
     info = {"source": "synth", "options": {"split": split, "seed": seed, "image_size": image_size}}
     with ShardSink(out / split, prefix=split, shard_size=shard_size, info=info, mtime=0) as sink:
         for i in tqdm(range(n), desc=f"synth {split}", unit="img", mininterval=2.0):
             s = make_sample(seed, split, i, image_size)
-            meta = {"captions": s["captions"], "image_id": i, "kind": s["kind"]}
+            meta = {"captions": s["captions"], "image_id": i, "kind": s["kind"], "qa": s["qa"]}
             sink.write({"__key__": f"{i:08d}", "png": s["png"], "txt": s["captions"][0], "json": json.dumps(meta)})
-            captions.extend(s["captions"])
-    return captions
+            texts.extend(s["captions"])
+            for q in s["qa"]:
+                texts.append(q["question"])
+                texts.extend(dict.fromkeys(q["answers"]))
+    return texts
 
 
-def train_tokenizer(captions: list[str], out: Path, vocab_size: int = 1000) -> None:
+def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 1000) -> None:
     """A lowercase WordPiece vocabulary with BERT's special tokens ([PAD] = 0), saved as a
     `BertTokenizerFast` directory."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
 
     wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(captions, vocab_size=vocab_size, min_frequency=1, show_progress=False,
+    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False,
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     out.mkdir(parents=True, exist_ok=True)
     wp.save_model(str(out))  # vocab.txt, for tools that read BERT's plain vocabulary
@@ -289,9 +282,11 @@ def synth(out: str | Path, *, train: int = 10000, test: int = 1000, seed: int = 
           shard_size: int = 1000) -> dict:
     """Render the set under `out`; returns {"train": n, "test": m, "vocab": size}."""
     out = Path(out)
-    captions = write_split(out, "train", train, seed=seed, image_size=image_size, shard_size=shard_size)
+    texts = write_split(out, "train", train, seed=seed, image_size=image_size, shard_size=shard_size)
     write_split(out, "test", test, seed=seed, image_size=image_size, shard_size=shard_size)
-    train_tokenizer(captions, out / "tokenizer")
+    answers = canonical_answers()
+    write_json_atomic(out / ANSWER_LIST, answers)
+    train_tokenizer(texts + answers, out / "tokenizer")
     from dlip_ds.data.text import load_tokenizer
 
     return {"train": train, "test": test, "vocab": len(load_tokenizer(out / "tokenizer"))}
