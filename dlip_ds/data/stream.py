@@ -13,6 +13,7 @@ samples it saw after step 0.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -184,8 +185,32 @@ class Collate:
         return batch
 
 
-def _drop_none(src: Iterator) -> Iterator:
-    return (s for s in src if s is not None)
+class MapSkipNone:
+    """Pipeline stage: each sample -> `fn(sample)`, left out when that is None (a skipped sample)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, src: Iterator) -> Iterator:
+        return (e for e in map(self.fn, src) if e is not None)
+
+
+class CaptionStages:
+    """The caption path's per-sample stage (`ToExample`) and collate (`Collate`), made per pipeline:
+    `stages(counter, seed) -> (stage, collate)`, the form `build_pipeline` takes."""
+
+    def __init__(self, tokenizer, cfg: DataConfig, transform: Callable, train: bool):
+        self.tokenizer, self.cfg, self.transform, self.train = tokenizer, cfg, transform, train
+
+    @classmethod
+    def maker(cls, tokenizer, cfg: DataConfig) -> Callable[[Callable, bool], CaptionStages]:
+        """`stages_for(transform, train)` of `train_loader` / `epoch_loader`."""
+        return functools.partial(cls, tokenizer, cfg)
+
+    def __call__(self, counter: SkipCounter, seed: int) -> tuple[Callable, Callable]:
+        to_example = ToExample(self.transform, counter, max_words=self.cfg.max_words, train=self.train, seed=seed)
+        return MapSkipNone(to_example), Collate(self.tokenizer, counter, max_length=self.cfg.max_length,
+                                                prompt=self.cfg.prompt)
 
 
 class _FlushSkips:
@@ -204,12 +229,14 @@ class _FlushSkips:
 # --------------------------------------------------------------------------- loaders
 
 
-def build_pipeline(sources: Sequence[str], tokenizer, *, cfg: DataConfig, transform: Callable, batch_size: int,
-                   resampled: bool, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
-                   start_step: int = 0, weights: Sequence[float] | None = None) -> wds.DataPipeline:
+def build_pipeline(sources: Sequence[str], stages: Callable[[SkipCounter, int], tuple[Callable, Callable]], *,
+                   cfg: DataConfig, batch_size: int, resampled: bool, train: bool, rank: int = 0, world_size: int = 1,
+                   seed: int = 0, start_step: int = 0, weights: Sequence[float] | None = None) -> wds.DataPipeline:
     """The whole chain as one DataPipeline. `resampled`: infinite, shards drawn with replacement per
     rank and worker (open_clip's training mode); else one exact epoch, shards split by rank then by
-    worker, in order, with a last partial batch."""
+    worker, in order, with a last partial batch. `stages(counter, seed)` makes the per-sample stage
+    (an iterator of raw samples -> an iterator of examples, skips counted in `counter`, randomness
+    seeded by `seed`) and the collate (examples -> batch dict), e.g. `CaptionStages`."""
     counter = SkipCounter()
     run_seed = make_seed(seed, start_step, rank)
     read = [wds.tarfile_to_samples(handler=_LogAndContinue(counter, "shard_error"))]
@@ -226,13 +253,11 @@ def build_pipeline(sources: Sequence[str], tokenizer, *, cfg: DataConfig, transf
         if len(urls) < world_size:
             log.warning("%d shards for %d ranks: some ranks read nothing", len(urls), world_size)
         head = [wds.SimpleShardList(urls), _SplitByRank(rank, world_size), wds.split_by_worker, *read]
-    to_example = ToExample(transform, counter, max_words=cfg.max_words, train=train, seed=run_seed)
-    collate = Collate(tokenizer, counter, max_length=cfg.max_length, prompt=cfg.prompt)
+    per_sample, collate = stages(counter, run_seed)
     return wds.DataPipeline(
         *head,
         *shuffle,
-        wds.map(to_example),
-        _drop_none,
+        per_sample,
         wds.batched(batch_size, collation_fn=collate, partial=not resampled),
         *([] if resampled else [_FlushSkips(counter)]),
     )
@@ -246,17 +271,37 @@ def _loader(pipeline, workers: int, seed: int) -> wds.WebLoader:
     )
 
 
-def make_train_loader(cfg: DataConfig, tokenizer, vision: VisionConfig, *, rank: int = 0, world_size: int = 1,
-                      seed: int = 0, start_step: int = 0) -> wds.WebLoader:
-    """Infinite training batches for this rank (docs/architecture.md section 3)."""
+def train_loader(cfg: DataConfig, vision: VisionConfig, stages_for: Callable[[Callable, bool], Callable], *,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0) -> wds.WebLoader:
+    """Infinite training batches of `cfg.train_shards` for this rank; `stages_for(transform, train)`
+    gives the `stages` of `build_pipeline` (`CaptionStages`, `vqa.VQAStages`)."""
     sources = source_list(cfg.train_shards)
     if cfg.weights is not None and len(cfg.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} train_shards sources")
     transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment)
-    pipeline = build_pipeline(sources, tokenizer, cfg=cfg, transform=transform, batch_size=cfg.batch_size,
+    pipeline = build_pipeline(sources, stages_for(transform, True), cfg=cfg, batch_size=cfg.batch_size,
                               resampled=True, train=True, rank=rank, world_size=world_size, seed=seed,
                               start_step=start_step, weights=cfg.weights)
     return _loader(pipeline, cfg.workers, make_seed(seed, start_step, rank))
+
+
+def epoch_loader(shards, cfg: DataConfig, vision: VisionConfig, stages_for: Callable[[Callable, bool], Callable], *,
+                 rank: int = 0, world_size: int = 1, workers: int | None = None, augment: bool = False,
+                 batch_size: int | None = None, seed: int = 0) -> wds.WebLoader:
+    """One exact pass over `shards` with the stages of `stages_for(transform, augment)`."""
+    transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if augment \
+        else eval_transform(vision)
+    pipeline = build_pipeline(source_list(shards), stages_for(transform, augment), cfg=cfg,
+                              batch_size=batch_size or cfg.batch_size, resampled=False, train=augment, rank=rank,
+                              world_size=world_size, seed=seed)
+    return _loader(pipeline, cfg.workers if workers is None else workers, make_seed(seed, rank))
+
+
+def make_train_loader(cfg: DataConfig, tokenizer, vision: VisionConfig, *, rank: int = 0, world_size: int = 1,
+                      seed: int = 0, start_step: int = 0) -> wds.WebLoader:
+    """Infinite training batches for this rank (docs/architecture.md section 3)."""
+    return train_loader(cfg, vision, CaptionStages.maker(tokenizer, cfg), rank=rank, world_size=world_size, seed=seed,
+                        start_step=start_step)
 
 
 def make_epoch_loader(shards, cfg: DataConfig, tokenizer, vision: VisionConfig, *, rank: int = 0,
@@ -265,10 +310,5 @@ def make_epoch_loader(shards, cfg: DataConfig, tokenizer, vision: VisionConfig, 
     """One exact pass over `shards` (every sample once across ranks and workers), batched like
     training; `augment` applies the training transform (as `inspect --augment` shows it). A worker
     whose last samples were all skipped ends with a batch that holds only `skipped`."""
-    transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if augment \
-        else eval_transform(vision)
-    pipeline = build_pipeline(source_list(shards), tokenizer, cfg=cfg, transform=transform,
-                              batch_size=batch_size or cfg.batch_size, resampled=False, train=augment, rank=rank,
-                              world_size=world_size, seed=seed)
-    return _loader(pipeline, cfg.workers if workers is None else workers, make_seed(seed, rank))
-
+    return epoch_loader(shards, cfg, vision, CaptionStages.maker(tokenizer, cfg), rank=rank, world_size=world_size,
+                        workers=workers, augment=augment, batch_size=batch_size, seed=seed)
