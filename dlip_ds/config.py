@@ -137,6 +137,12 @@ class StudentConfig:
     preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    # A trained model (anything `load_model` takes, or a training run directory) whose weights and
+    # architecture the student starts from: fine-tuning a distilled pretraining student on a task. The
+    # task adapts its topology (VQA: the answer decoder from the captioning decoder); model fields given
+    # beside it override the source's (`overrides`, kept as written, e.g. {"momentum": True}).
+    source: str = ""
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -209,6 +215,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (train.eval_every) on data.eval_shards; the metric of the task picks
+    the best checkpoint (retrieval and pretraining: mean recall, captioning: CIDEr, VQA: accuracy)."""
+
+    k: int = 16  # ITM re-ranks this many ITC candidates per query (BLIP: 256 on COCO; 16 is cheap mid-run)
+    num_beams: int = 3  # captioning and VQA generation
+    max_length: int = 20  # captions (VQA answers: 10, BLIP's)
+    min_length: int = 5
+    vqa_mode: Literal["rank", "generate"] = "rank"  # rank: BLIP's answer-list ranking; generate: free answers
+    vqa_k: int = 128  # answers re-scored whole after the first-token top-k (BLIP: 128)
+    answer_list: str = ""  # BLIP's answer_list.json; empty: the one beside the eval shards' folder
+    batch_size: int = 64
+
+
+@dataclass
 class Recipe:
     name: str = ""
     task: str = "pretrain"  # a name in dlip_ds.tasks.TASKS: which kind of step the run trains
@@ -217,6 +238,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- building from dicts
@@ -390,15 +412,12 @@ def validate_model(cfg: ModelConfig, path: str = "model") -> None:
             "(blip mode puts cross-attention inside text layers)"
         )
     d = cfg.decoder
-    if d.enabled and d.context == "question":
-        if d.share:
-            raise ConfigError(f"{path}.decoder.context='question' needs {path}.decoder.share=false: the answer "
-                              "decoder reads the question, so it cannot share the text encoder's cross-attention")
-        if cfg.fusion.layers == 0:
-            raise ConfigError(f"{path}.decoder.context='question' needs {path}.fusion.layers > 0: the question "
-                              "states come from the fusion (cross-attention to the image)")
     if d.context not in ("image", "question"):  # also checked here for configs built in code
         raise ConfigError(f"{path}.decoder.context must be 'image' or 'question', got '{d.context}'")
+    if d.enabled and d.context == "question" and (d.share or cfg.fusion.layers == 0):
+        raise ConfigError(f"{path}.decoder.context='question' (BLIP_VQA's answer decoder) needs {path}.decoder.share="
+                          f"false (a stack of its own) and {path}.fusion.layers > 0 (the question states it reads); "
+                          f"got share={d.share}, fusion.layers={cfg.fusion.layers}")
 
 
 def check_kd_term(term: KDTerm, where: str) -> None:

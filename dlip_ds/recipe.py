@@ -34,17 +34,25 @@ RECIPE_DIR = "recipes"
 
 
 def resolve_student(data: dict, path: str = "student") -> StudentConfig:
-    """`{preset, init, <model fields>}` -> StudentConfig, model fields overriding the preset."""
+    """`{preset | source, init, <model fields>}` -> StudentConfig, model fields overriding the preset.
+
+    With `source` the architecture is the source model's, known only when the run builds it
+    (`dlip_ds.engine.build`); the model fields given are kept as `overrides` and checked here."""
     data = dict(data or {})
     preset = data.pop("preset", "") or ""
+    source = str(data.pop("source", "") or "")
     init = data.pop("init", {}) or {}
     model = data.pop("model", {}) or {}
     model = deep_merge(model, data)  # `student.vision.depth` and `student.model.vision.depth` both work
+    if source and preset:
+        raise ConfigError(f"{path}: give preset or source, not both (source: the trained model a task fine-tunes)")
     base = preset_dict(preset) if preset else {}
     return StudentConfig(
         preset=preset,
         model=model_config_from_dict(deep_merge(base, model), f"{path}"),
         init=from_dict(InitConfig, init, f"{path}.init"),
+        source=source,
+        overrides=model if source else {},
     )
 
 
@@ -136,4 +144,6 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     data = to_dict(recipe)
     student = data.pop("student")
     data["student"] = {"preset": student["preset"], "init": student["init"], **student["model"]}
+    if student["source"]:  # the resolved architecture, as overrides of the source's: rebuilt identically
+        data["student"]["source"] = student["source"]
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

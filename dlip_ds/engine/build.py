@@ -54,15 +54,42 @@ def build_task(recipe: Recipe, device: torch.device) -> tuple[VLPModel | None, T
     holding the student and its KD plan, initialised identically on every rank. `recipe` is
     already fitted to its tokenizer."""
     torch.manual_seed(recipe.train.seed)
+    cls = task_class(recipe.task)
     teacher = load_teacher(recipe.teacher) if recipe.teacher.source else None
     if teacher is not None:
         _check_teacher(recipe, teacher)
-    student = VLPModel(recipe.student.model)
-    init_student(student, recipe.student.init, teacher=teacher)  # from the fp32 teacher, before it is cast
+        cls.check_teacher(teacher, f"teacher.source {recipe.teacher.source}")
+    if recipe.student.source:
+        student = student_from_source(recipe, cls)
+    else:
+        student = VLPModel(recipe.student.model)
+        init_student(student, recipe.student.init, teacher=teacher)  # from the fp32 teacher, before it is cast
     plan = KDPlan(recipe.loss.kd, student, teacher) if recipe.loss.kd else None
     if teacher is not None:
         teacher = to_inference(teacher, recipe.teacher, device)
-    return teacher, task_class(recipe.task)(student, plan, recipe.loss)
+    return teacher, cls(student, plan, recipe.loss)
+
+
+def student_from_source(recipe: Recipe, cls: type[Task]) -> VLPModel:
+    """The student a task fine-tunes: `student.source` (a trained model or a run directory) in the task's
+    topology (`Task.adapt_student`), with the recipe's model fields (`student.overrides`) applied."""
+    from dlip_ds.config import deep_merge, model_config_from_dict, to_dict
+    from dlip_ds.engine.checkpoint import load_source_model
+    from dlip_ds.models.weights import load_state_strict
+
+    s = recipe.student
+    if s.init.vision != "random" or s.init.text != "random":
+        raise ConfigError("student.init applies to a student built from a preset; with student.source the "
+                          "source's weights are the start")
+    source = cls.adapt_student(load_source_model(s.source))
+    vocab = recipe.student.model.text.vocab_size  # the tokenizer's (fit_to_tokenizer)
+    if source.cfg.text.vocab_size != vocab:
+        raise ConfigError(f"student.source {s.source}: vocabulary of {source.cfg.text.vocab_size} ids, but the "
+                          f"tokenizer (data.tokenizer) has {vocab}; use the tokenizer the source was trained with")
+    cfg = model_config_from_dict(deep_merge(to_dict(source.cfg), s.overrides), "student (source + overrides)")
+    student = VLPModel(cls.student_config(cfg))
+    load_state_strict(student, source.state_dict(), f"student.source {s.source}")
+    return student
 
 
 def _lift_scalar_params(module: torch.nn.Module) -> None:

@@ -359,3 +359,13 @@ def load_run_student(run_dir: str | Path):
     if tag is None:
         raise ConfigError(f"{run_dir}: no student/ and no complete checkpoint in {ckpt.dir}")
     return student_from_checkpoint(recipe.student.model, ckpt.dir, tag), tokenizer_from_config(recipe.data)
+
+
+def load_source_model(source: str | Path):
+    """A trained model from a training run directory (its student) or anything `load_model` takes."""
+    from dlip_ds.models.load import load_model
+
+    path = Path(source)
+    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        return load_run_student(path)[0]
+    return load_model(source)

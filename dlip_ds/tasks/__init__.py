@@ -15,6 +15,9 @@ import importlib
 
 _REGISTRY = {
     "pretrain": "dlip_ds.tasks.pretrain:PretrainTask",
+    "retrieval": "dlip_ds.tasks.retrieval:RetrievalTask",
+    "captioning": "dlip_ds.tasks.captioning:CaptioningTask",
+    "vqa": "dlip_ds.tasks.vqa:VQATask",
 }
 TASKS: tuple[str, ...] = tuple(_REGISTRY)
 

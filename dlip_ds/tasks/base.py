@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from dlip_ds.config import ConfigError, LossConfig
+from dlip_ds.config import LOGITS, MODULES, ConfigError, LossConfig, ModelConfig
 from dlip_ds.losses.kd_inputs import KDInputs, KDMasks
 from dlip_ds.models.vlp import MomentumMaster, VLPModel
 from dlip_ds.timing import SpanTimer
@@ -89,11 +89,29 @@ class Task(nn.Module):
     student, the fp32 master of its EMA: `momentum_master`); the frozen teacher is passed to each call
     and is never part of this module, so ZeRO neither shards nor saves it.
 
-    Subclasses set `name` and `batch_type` and implement `compute`.
+    Subclasses set `name` and `batch_type` and implement `compute`; the class attributes below say
+    what else the run needs to know about the task.
     """
 
     name: ClassVar[str]
     batch_type: ClassVar[type[TaskBatch]]
+    stream: ClassVar[str] = "captions"  # the loader that feeds it: "captions" (image-text pairs) or "vqa"
+    metric: ClassVar[str] = "r_mean"  # the evaluation metric that picks the best checkpoint (higher is better)
+    kd_keys: ClassVar[tuple[str, ...]] = MODULES + LOGITS  # what its KD inputs carry (terms on others are refused)
+
+    @classmethod
+    def student_config(cls, cfg: ModelConfig) -> ModelConfig:
+        """The topology this task trains, given a source model's (student.source); unchanged by default."""
+        return cfg
+
+    @classmethod
+    def adapt_student(cls, model: VLPModel) -> VLPModel:
+        """A trained model (student.source) in this task's topology, its weights carried over."""
+        return model
+
+    @classmethod
+    def check_teacher(cls, teacher: VLPModel, where: str) -> None:
+        """What this task needs of a teacher's topology (a ConfigError naming `where` otherwise)."""
 
     def __init__(self, student: nn.Module, plan: nn.Module | None, loss_cfg: LossConfig):
         super().__init__()
@@ -105,6 +123,10 @@ class Task(nn.Module):
         self.momentum_master = MomentumMaster(student) if momentum else None
         self.timer = SpanTimer()  # the trainer enables it on logging steps
         self.step = 0  # optimizer steps applied before this one; the trainer sets it (loss schedules read it)
+        for i, r in enumerate(plan.terms if plan is not None else ()):
+            self.check_model(r.term.module in self.kd_keys,
+                             f"loss.kd[{i}] ({r.name}): the {self.name} task produces no '{r.term.module}' to "
+                             f"distil; its terms may read {', '.join(self.kd_keys)}")
 
     def check_model(self, condition: bool, message: str) -> None:
         """A model-dependent requirement of the recipe, checked when the task is built."""

@@ -105,7 +105,7 @@ class PretrainTask(Task):
             pairs = self._pair_plan(batch, s, t, generator)
             out.losses["itm"], out.weights["itm"] = self._match(batch, pairs, s, t, teacher, t_req, s_req, out), cfg.itm
         if self._runs("decoder", cfg.lm, "lm"):
-            lm = self._language_model(batch, s, t, teacher, t_req, s_req, out)
+            lm = self._language_model(batch, s.image, t.image if t else None, teacher, t_req, s_req, out)
             if lm is not None:
                 out.losses["lm"], out.weights["lm"] = lm, cfg.lm
         return out
@@ -223,9 +223,10 @@ class PretrainTask(Task):
 
     # ------------------------------------------------------------------ LM
 
-    def _language_model(self, batch, s: Encoded, t: Encoded | None, teacher, t_req, s_req,
+    def _language_model(self, batch, s_image: EncoderOutput, t_image: EncoderOutput | None, teacher, t_req, s_req,
                         out: TaskOutput) -> Tensor | None:
-        """The decoder on the positives; the LM loss when loss.lm > 0 (None otherwise)."""
+        """The decoder on the positives (each model reads its own image embeddings); the LM loss when
+        loss.lm > 0 (None otherwise)."""
         cfg = self.loss_cfg
         lm_ids = batch.require("lm_input_ids", "decoder text, [DEC] first")
         labels = batch.require("lm_labels", "LM targets")
@@ -234,11 +235,11 @@ class PretrainTask(Task):
         distil_lm = self._distils("lm")
         if self._distils("decoder", "lm"):
             with torch.no_grad(), self.timer.span("teacher"):
-                t_dec = teacher.decode(t.image.embeds, lm_ids, lm_att, t_req.get("decoder"))
+                t_dec = teacher.decode(t_image.embeds, lm_ids, lm_att, t_req.get("decoder"))
                 if distil_lm:
                     out.teacher.lm = LMHeadInputs(teacher.lm_features(t_dec.hidden), *teacher.lm_projection())
             out.teacher.taps["decoder"] = t_dec.taps
-        s_dec = self.student.decode(s.image.embeds, lm_ids, lm_att, s_req.get("decoder"))
+        s_dec = self.student.decode(s_image.embeds, lm_ids, lm_att, s_req.get("decoder"))
         out.student.taps["decoder"] = s_dec.taps
         out.masks.decoder = lm_att == 0
         # position j predicts label j + 1; the last position predicts nothing
