@@ -43,7 +43,7 @@ from dlip_ds.engine.distributed import (
     limit_cpu_threads,
 )
 from dlip_ds.engine.ds_config import compute_dtype, resolve_ds_config, zero_stage
-from dlip_ds.engine.evaluation import evaluate_all_ranks
+from dlip_ds.engine.evaluation import BestKeeper, evaluate_all_ranks, load_eval_data
 from dlip_ds.engine.logging import Monitor
 from dlip_ds.engine.metrics import Window, add_skipped_all_ranks, log_window_all_ranks
 from dlip_ds.models.vlp import MomentumMaster
@@ -110,6 +110,7 @@ class Trainer:
         self.teacher, self.task = build_task(recipe, env.device)
         self.task.timer = self.timer = SpanTimer(env.device)
         self.student = self.task.student
+        recipe.student.model = self.student.cfg  # with student.source, the architecture is known only now
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, run_dir / "config.yaml")
@@ -118,11 +119,10 @@ class Trainer:
         self.monitor = Monitor(run_dir, enabled=env.is_main, start_step=self.state.step,
                                max_steps=self.cfg.max_steps, log_every=self.cfg.log_every)
         self._announce()
-        self.eval_set = None
+        self.eval_data = self.best = None
         if self.cfg.eval_every > 0 and recipe.data.eval_shards and env.is_main:
-            from dlip_ds.data import load_eval_set
-
-            self.eval_set = load_eval_set(recipe.data.eval_shards, max_words=recipe.data.max_words)
+            self.eval_data = load_eval_data(recipe, self.task.stream)
+            self.best = BestKeeper(run_dir, self.task.metric)
         self.batches = self._new_loader()
         self.window = Window()
         self.bad_in_a_row = 0  # non-finite losses and skipped updates since the last applied update
@@ -158,11 +158,11 @@ class Trainer:
             f"{self.global_batch}, {self.cfg.max_steps} steps, run dir {self.run_dir}")
 
     def _new_loader(self):
-        from dlip_ds.data import make_train_loader
+        from dlip_ds import data
 
-        return iter(make_train_loader(self.recipe.data, self.tokenizer, self.student.cfg.vision,
-                                      rank=self.env.rank, world_size=self.env.world_size, seed=self.cfg.seed,
-                                      start_step=self.state.micro_batches))
+        make = data.make_vqa_train_loader if self.task.stream == "vqa" else data.make_train_loader
+        return iter(make(self.recipe.data, self.tokenizer, self.student.cfg.vision, rank=self.env.rank,
+                         world_size=self.env.world_size, seed=self.cfg.seed, start_step=self.state.micro_batches))
 
     # ------------------------------------------------------------------ the loop
 
@@ -250,10 +250,13 @@ class Trainer:
             log_window_all_ranks(self.monitor, self.engine, self.state, self.window, self.env, self.global_batch)
             self.window = Window()
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and self.recipe.data.eval_shards:
-            metrics = evaluate_all_ranks(self.student, self.eval_set, self.tokenizer, self.env,
-                                         zero3=zero_stage(self.ds_cfg) == 3, batch_size=self.recipe.data.batch_size)
-            self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-            self.monitor.print(f"step {step} eval: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            metrics, model = evaluate_all_ranks(self.recipe.task, self.student, self.eval_data, self.tokenizer,
+                                                self.recipe, self.env, zero3=zero_stage(self.ds_cfg) == 3)
+            if self.env.is_main:
+                self.monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+                better = self.best.offer(step, metrics, model, self.tokenizer)
+                self.monitor.print(f"step {step} eval: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+                                   + (f" (best {self.task.metric} so far: {self.best.dir})" if better else ""))
 
     def _stop_requested_all_ranks(self) -> str | None:
         if any_rank(self.stop.requested() is not None, self.env.device):
@@ -287,6 +290,9 @@ class Trainer:
                                  self.tokenizer)
             self.monitor.print(f"done: {self.state.step} steps, {self.state.skipped_steps} skipped; "
                                f"student exported to {out}")
+            if self.best is not None and self.best.best is not None:
+                b = self.best.best
+                self.monitor.print(f"best {b['metric']} {b['value']:.2f} at step {b['step']}: {self.best.dir}")
         barrier()
         self.monitor.close()
         return 0
