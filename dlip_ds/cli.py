@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "evaluate": ("dlip_ds.eval.cli", "retrieval and captioning metrics"),
     "export": ("dlip_ds.models.export", "export a run or model (dlip format or transformers BLIP)"),
     "profile": ("dlip_ds.profile", "parameters, FLOPs and latency of models"),
-    "demo": ("dlip_ds.demo", "the embedded default: synth, pretrain, distil, evaluate, profile"),
+    "demo": ("dlip_ds.demo_cli", "the embedded default: synth, pretrain, distil, evaluate, profile"),
 }
 
 

@@ -14,7 +14,6 @@ OUT/ data/ (shards, tokenizer)  runs/<name>/ (config, checkpoints, tensorboard, 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -50,6 +49,7 @@ class Scale:
     eval_k: int  # ITM re-ranks this many candidates per query
     profile_repeats: int
     profile_caption_len: int = 20  # tokens per profiled caption (BLIP's max_length)
+    task_steps: int = 400  # each fine-tuning run of `demo --task`
 
 
 SCALES = {
@@ -57,10 +57,10 @@ SCALES = {
     "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=3000, student_steps=3000, batch_size=32,
                   warmup_steps=150, log_every=50, eval_k=16, profile_repeats=10),
     "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
-                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=10),
+                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=10, task_steps=200),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,
-                warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8),
+                warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8, task_steps=3),
 }
 
 
@@ -95,26 +95,28 @@ def make_data(out: Path, scale: Scale) -> Path:
     return data
 
 
-def train_run(name: str, out: Path, data: Path, scale: Scale, teacher: Path | None = None) -> Path:
-    """`python -m dlip_ds.train` on the demo recipe of `name`; returns the run directory."""
+def train_run(name: str, out: Path, data: Path, scale: Scale, teacher: Path | None = None, *,
+              recipe: str | None = None, steps: int | None = None, extra: dict | None = None) -> Path:
+    """`python -m dlip_ds.train` on the demo recipe of `name` (or `recipe`); returns the run directory."""
     run_dir = out / "runs" / name
-    steps = scale.teacher_steps if name == "teacher" else scale.student_steps
+    recipe = recipe or RECIPES[name]
+    steps = steps or (scale.teacher_steps if name == "teacher" else scale.student_steps)
     overrides = {
         "data.train_shards": data / "train", "data.eval_shards": data / "test", "data.tokenizer": data / "tokenizer",
         "data.batch_size": scale.batch_size, "train.max_steps": steps, "train.warmup_steps": scale.warmup_steps,
-        "train.log_every": scale.log_every, "train.ckpt_every": max(steps // 2, 1),
+        "train.log_every": scale.log_every, "train.ckpt_every": max(steps // 2, 1), **(extra or {}),
     }
     if teacher is not None:
         overrides["teacher.source"] = teacher
     ds_config = out / "ds_config.json"
     ds_config.write_text(json.dumps(DS_CONFIG, indent=2) + "\n")
-    cmd = [sys.executable, "-m", "dlip_ds.train", "--config", RECIPES[name], "--out", str(run_dir),
+    cmd = [sys.executable, "-m", "dlip_ds.train", "--config", recipe, "--out", str(run_dir),
            "--deepspeed", str(ds_config), "--resume", "auto"]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
     log_path = out / "logs" / f"train-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"{name}: {RECIPES[name]} for {steps} steps -> {run_dir} (log {log_path})")
+    _log(f"{name}: {recipe} for {steps} steps -> {run_dir} (log {log_path})")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "a") as log_file:
         log_file.write("$ " + " ".join(cmd) + "\n")
@@ -306,12 +308,6 @@ def write_markdown(report: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a shorter run: under 10 minutes on a 2-core CPU")
-    p.add_argument("--out", default="demo_out", help="report directory (default: demo_out)")
-    p.add_argument("--ci", action="store_true", help=argparse.SUPPRESS)  # the test suite's seconds-long run
-
-
 def _check_scale(out: Path, name: str) -> None:
     """A demo directory holds one scale: resuming a different one would mix checkpoints."""
     marker = out / "demo.json"
@@ -342,6 +338,19 @@ class Stages:
         self.times[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(self._cpu() - cpu, 1)}
 
 
+def pretrain_models(out: Path, scale: Scale, stage: Stages, models: tuple[str, ...] = MODELS) -> tuple[Path, dict]:
+    """(data, {model: run dir}): the synthetic shards, the pretrained teacher and the distilled student
+    (and the baseline), each reused when an earlier run of this demo finished it."""
+    with stage("data"):
+        data = make_data(out, scale)
+    runs: dict[str, Path] = {}
+    for m in models:
+        with stage(f"train_{m}"):
+            teacher = runs["teacher"] / "student" if m == "student" else None
+            runs[m] = train_run(m, out, data, scale, teacher=teacher)
+    return data, runs
+
+
 def demo(out: str | Path, scale_name: str = "full") -> dict:
     """Run the demo into `out`; returns the report (also written as OUT/report.json)."""
     start = time.perf_counter()
@@ -349,13 +358,7 @@ def demo(out: str | Path, scale_name: str = "full") -> dict:
     scale = SCALES[scale_name]
     _check_scale(out, scale_name)
     stage = Stages()
-    with stage("data"):
-        data = make_data(out, scale)
-    runs: dict[str, Path] = {}
-    for m in MODELS:
-        with stage(f"train_{m}"):
-            teacher = runs["teacher"] / "student" if m == "student" else None
-            runs[m] = train_run(m, out, data, scale, teacher=teacher)
+    data, runs = pretrain_models(out, scale, stage)
     with stage("export"):
         _log(f"student: exporting to {out / 'student'}")
         _cli(["export", str(runs["student"]), "--out", str(out / "student")])
@@ -386,20 +389,3 @@ def demo(out: str | Path, scale_name: str = "full") -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, out / "report.md")
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    scale_name = "ci" if args.ci else "quick" if args.quick else "full"
-    try:
-        report = demo(args.out, scale_name)
-    except DemoError as e:
-        print(f"dlip-ds demo: {e}", file=sys.stderr)
-        return 1
-    print()
-    print(format_table(table_rows(report)))
-    print()
-    print(verdict(report))
-    print(f"\nreport: {Path(report['out']) / 'report.md'} (report.json, loss_curves.png, quality_vs_params.png); "
-          f"exported student: {Path(report['out']) / 'student'}; "
-          f"TensorBoard: tensorboard --logdir {Path(report['out']) / 'runs'}")
-    return 0
