@@ -53,8 +53,9 @@ class BertAttention(nn.Module):
     def forward(self, x, context=None, mask=None, cache: dict | None = None, return_qk: bool = False):
         """Self-attention when `context` is None, else cross-attention to `context`.
 
-        mask: bool, True = attend, broadcastable to [B, H, Nq, Nk]. cache (generation): self-attention
-        appends its keys/values; cross-attention computes them once.
+        mask: bool, True = attend, broadcastable to [B, H, Nq, Nk] (cross-attention: the context's padding).
+        cache (generation): self-attention appends its keys/values; cross-attention computes them once (its
+        mask is passed again at every step).
         """
         q = split_heads(self.query(x), self.heads)
         if context is None:
@@ -110,10 +111,12 @@ class LayerTaps:
     out: dict = field(default_factory=lambda: {"hidden": {}, "self_qk": {}, "cross_qk": {}})
 
 
-def run_layers(layers, x, self_mask=None, context=None, *, self_attns=None, caches=None,
+def run_layers(layers, x, self_mask=None, context=None, *, context_mask=None, self_attns=None, caches=None,
                taps: LayerTaps | None = None) -> torch.Tensor:
     """Run BERT layers in order. `context` None = unimodal (cross-attention skipped).
 
+    context_mask: bool, True = attend, broadcastable to [B, H, Nq, Nk]: the context's padding (a question's,
+    for BLIP_VQA's answer decoder); None = every context token.
     self_attns: per-layer replacement self-attention modules (a decoder that shares everything else);
     caches: per-layer dicts {"self": {}, "cross": {}} for incremental decoding.
     """
@@ -125,7 +128,7 @@ def run_layers(layers, x, self_mask=None, context=None, *, self_attns=None, cach
         if qk is not None:
             taps.out["self_qk"][i] = qk
         if context is not None and layer.has_cross:
-            x, qk = layer.cross_attn(x, context, cache=cross_cache, return_qk=i in taps.cross_qk)
+            x, qk = layer.cross_attn(x, context, context_mask, cache=cross_cache, return_qk=i in taps.cross_qk)
             if qk is not None:
                 taps.out["cross_qk"][i] = qk
         elif i in taps.cross_qk:

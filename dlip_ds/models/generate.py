@@ -1,13 +1,30 @@
-"""Caption generation for `VLPModel.generate`: greedy and beam search over the decoder's KV caches.
+"""Generation for `VLPModel.generate` (captions) and `vqa_answer` (answers): greedy and beam search over
+the decoder's KV caches.
 
-Both follow transformers' `generate` (BLIP's captioner calls it), so the same weights give the same
-tokens. `model` is a VLPModel: its `_next_logits` runs the decoder on the new tokens only.
+Both follow transformers' `generate` (BLIP's captioner and answer decoder call it), so the same weights give
+the same tokens. `model` is a VLPModel: its `_next_logits` runs the decoder on the new tokens only. The
+context is what the decoder cross-attends to (image embeds, or question states with their padding mask).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def special_ids(model, tokenizer=None, where: str = "generate") -> tuple[int, int]:
+    """([DEC] (bos), [SEP]) ids: the tokenizer's when it has them, else the model config's; checked against
+    the vocabulary."""
+    t = model.cfg.text
+    bos, sep = t.bos_token_id, t.sep_token_id
+    if tokenizer is not None:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else bos
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else sep
+    for name, tid in (("[DEC] (bos)", bos), ("[SEP]", sep)):
+        if not 0 <= tid < t.vocab_size:
+            raise ValueError(f"{where}: {name} id {tid} is outside the vocabulary of {t.vocab_size}; "
+                             "pass the tokenizer or set text.bos_token_id / text.sep_token_id")
+    return bos, sep
 
 
 def until(ids: list[int], sep: int) -> list[int]:
@@ -33,19 +50,20 @@ def _penalise(scores: torch.Tensor, seqs: torch.Tensor, penalty: float, sep: int
 
 
 def _reorder(caches, index: torch.Tensor) -> None:
-    """Follow the surviving beams. Cross-attention keys/values stay: every beam of an image holds the same."""
+    """Follow the surviving beams. Cross-attention keys/values stay: every beam of a context holds the same."""
     for c in caches:
         for key in list(c["self"]):
             c["self"][key] = c["self"][key].index_select(0, index)
 
 
-def greedy(model, image_embeds, start, max_length, min_length, penalty, sep):
-    """Greedy decoding from `start` [B, n] until every row has produced [SEP] or max_length tokens."""
+def greedy(model, context, start, max_length, min_length, penalty, sep, context_mask=None):
+    """Greedy decoding from `start` [B, n] until every row has produced [SEP] or max_length tokens.
+    `context_mask` [B, Nc], 1 = real context token (None: all)."""
     seqs, caches, past = start, model._new_caches(), 0
     done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
     pad = model.cfg.text.pad_token_id
     while seqs.shape[1] < max_length and not bool(done.all()):
-        logits = model._next_logits(seqs[:, past:], image_embeds, caches, past)
+        logits = model._next_logits(seqs[:, past:], context, caches, past, context_mask)
         past = seqs.shape[1]
         nxt = _penalise(logits, seqs, penalty, sep, seqs.shape[1], min_length).argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -57,8 +75,17 @@ def greedy(model, image_embeds, start, max_length, min_length, penalty, sep):
 LENGTH_NORMS = ("generated", "total")
 
 
-def beam_search(model, image_embeds, start, beams, max_length, min_length, penalty, sep, length_norm="generated"):
+def check_search(num_beams: int, length_norm: str = "generated", where: str = "generate") -> None:
+    if num_beams < 1:
+        raise ValueError(f"{where}: num_beams must be >= 1, got {num_beams}")
+    if length_norm not in LENGTH_NORMS:
+        raise ValueError(f"{where}: length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+
+
+def beam_search(model, context, start, beams, max_length, min_length, penalty, sep, length_norm="generated",
+                context_mask=None):
     """Beam search as transformers' `generate` does it (length_penalty=1, early_stopping=False).
+    `context_mask` [B, Nc], 1 = real context token (None: all).
 
     `length_norm` is the rule that ranks finished hypotheses (summed log-probabilities over a length):
     - "generated": transformers >= 4.36, today's: divided by the tokens generated, [SEP] included. A
@@ -69,13 +96,14 @@ def beam_search(model, image_embeds, start, beams, max_length, min_length, penal
       (over max_length); an image is done when the best of its 2 * beams candidates, over the length
       before this step, cannot beat the worst kept hypothesis.
     """
-    if length_norm not in LENGTH_NORMS:
-        raise ValueError(f"generate: length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+    check_search(beams, length_norm)
     total = length_norm == "total"
     b, prompt_len = start.shape
     dev = start.device
     pad = model.cfg.text.pad_token_id
-    image_embeds = image_embeds.repeat_interleave(beams, dim=0)
+    context = context.repeat_interleave(beams, dim=0)
+    if context_mask is not None:
+        context_mask = context_mask.repeat_interleave(beams, dim=0)
     running = start.repeat_interleave(beams, dim=0)  # [b*beams, cur]
     run_scores = torch.zeros(b, beams, device=dev)
     run_scores[:, 1:] = -1e9  # only the first beam expands at step one
@@ -98,7 +126,7 @@ def beam_search(model, image_embeds, start, beams, max_length, min_length, penal
     top_mask = torch.arange(2 * beams, device=dev) < beams
     while True:
         cur = running.shape[1]
-        logits = model._next_logits(running[:, past:], image_embeds, caches, past)
+        logits = model._next_logits(running[:, past:], context, caches, past, context_mask)
         past = cur
         logp = _penalise(F.log_softmax(logits, -1), running, penalty, sep, cur, min_length)
         vocab = logp.shape[-1]

@@ -4,7 +4,8 @@ ITC projections + temperature, ITM head and an LM head tied to the word embeddin
 
 The forward passes are split in the stages the distillation step needs (docs/architecture.md, section 2):
 `encode_image`, `encode_text`, `fuse`, `decode`; each takes a `TapRequest` and returns only the tapped
-hidden states and attention q/k (never attention probabilities).
+hidden states and attention q/k (never attention probabilities). With `decoder.context="question"` the
+decoder is BLIP_VQA's answer decoder, reading the question states of `fuse` (models/vqa.py).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from dlip_ds.models.bert import (
     run_layers,
 )
 from dlip_ds.models.generate import (
-    LENGTH_NORMS,
     beam_search,
+    check_search,
     greedy,
+    special_ids,
     strip_prompt,
     until,
 )
 from dlip_ds.models.vit import VisionTransformer, activation
+from dlip_ds.models.vqa import answer_questions
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,14 @@ class ModuleInfo:
 
 
 class TextEncoder(nn.Module):
-    """BERT: embeddings + layers; `cross_from` = index of the first layer carrying cross-attention."""
+    """BERT: embeddings + layers; `cross_from` = index of the first layer carrying cross-attention, whose
+    keys/values read `cross_width`-wide states (default: the image's)."""
 
-    def __init__(self, cfg: ModelConfig, depth: int, cross_from: int):
+    def __init__(self, cfg: ModelConfig, depth: int, cross_from: int, cross_width: int | None = None):
         super().__init__()
         self.embeddings = TextEmbeddings(cfg.text)
-        self.layers = nn.ModuleList(
-            [BertLayer(cfg.text, cfg.vision.width if i >= cross_from else None) for i in range(depth)]
-        )
+        width = cross_width or cfg.vision.width
+        self.layers = nn.ModuleList([BertLayer(cfg.text, width if i >= cross_from else None) for i in range(depth)])
 
 
 class ITCHead(nn.Module):
@@ -121,7 +124,8 @@ class Decoder(nn.Module):
     """Causal decoder running the same layer sequence as the multimodal pass.
 
     share=True (BLIP): only the self-attention of each layer is the decoder's own; embeddings,
-    cross-attention and feed-forward are the text encoder's. share=False: a separate full stack.
+    cross-attention and feed-forward are the text encoder's. share=False: a separate full stack, whose
+    cross-attention reads the image or, with context="question" (BLIP_VQA), the question states.
     """
 
     def __init__(self, cfg: ModelConfig, fused_depth: int, cross_from: int):
@@ -130,7 +134,8 @@ class Decoder(nn.Module):
         if self.share:
             self.self_attn = nn.ModuleList([BertAttention(cfg.text, cfg.text.width) for _ in range(fused_depth)])
         else:
-            self.stack = TextEncoder(cfg, fused_depth, cross_from)
+            question = cfg.decoder.context == "question"
+            self.stack = TextEncoder(cfg, fused_depth, cross_from, cfg.text.width if question else None)
 
 
 class MomentumEncoders(nn.Module):
@@ -215,6 +220,12 @@ class VLPModel(nn.Module):
         if not self.cfg.decoder.enabled:
             raise ConfigError("this model has no decoder (decoder.enabled=false)")
 
+    def _require_image_decoder(self, what: str) -> None:
+        self._require_decoder()
+        if self.cfg.decoder.context != "image":
+            raise ConfigError(f"{what}: this model's decoder answers questions (decoder.context=question); "
+                              "use vqa_answer")
+
     def module_info(self, module: str) -> ModuleInfo:
         """Depth, width, heads and the cross-attention layers of one module: every fusion layer; in the
         decoder (which runs the whole multimodal layer sequence) only those from the first fused one on."""
@@ -288,20 +299,29 @@ class VLPModel(nn.Module):
         out = {kind: {i - s: v for i, v in d.items()} for kind, d in lt.out.items()}
         return FusionOutput(x, self.itm_head(x[:, 0]), out)
 
-    def _decode_hidden(self, image_embeds, input_ids, attention_mask, lt=None, caches=None, past=0):
+    def _decode_hidden(self, context, input_ids, attention_mask, lt=None, caches=None, past=0, context_mask=None):
         dec = self.decoder
         embeddings = self.text.embeddings if dec.share else dec.stack.embeddings
         layers = self._fused_layers() if dec.share else list(dec.stack.layers)
         x = embeddings(input_ids, offset=past)
         mask = self._self_mask(attention_mask, x.shape[1], True, past, x.device)
-        return run_layers(layers, x, mask, context=image_embeds, taps=lt, caches=caches,
+        cmask = None if context_mask is None else self._self_mask(context_mask, context.shape[1], False)
+        return run_layers(layers, x, mask, context=context, context_mask=cmask, taps=lt, caches=caches,
                           self_attns=dec.self_attn if dec.share else None)
 
-    def decode(self, image_embeds, input_ids, attention_mask, taps: TapRequest | None = None) -> DecoderOutput:
+    def decode(self, context, input_ids, attention_mask, taps: TapRequest | None = None,
+               context_mask=None) -> DecoderOutput:
+        """[DEC] first. `context`: the image embeds [B, Nv, Dv] (decoder.context="image"), or the question
+        states [B, Lq, Dt] of `fuse` (decoder.context="question"), with `context_mask` [B, Lq] (1 = real)."""
         self._require_decoder()
         taps = self._check_taps("decoder", taps)
+        width = self.cfg.text.width if self.cfg.decoder.context == "question" else self.cfg.vision.width
+        if context.shape[-1] != width:
+            raise ValueError(f"decode: context of width {context.shape[-1]}, expected {width} (decoder.context="
+                             f"{self.cfg.decoder.context}: image embeds, or question states from fuse)")
         lt = LayerTaps(taps.hidden, taps.self_qk, taps.cross_qk)
-        return DecoderOutput(self._decode_hidden(image_embeds, input_ids, attention_mask, lt), lt.out)
+        return DecoderOutput(self._decode_hidden(context, input_ids, attention_mask, lt, context_mask=context_mask),
+                             lt.out)
 
     def temperature(self) -> torch.Tensor:
         return self.itc()
@@ -329,6 +349,7 @@ class VLPModel(nn.Module):
         return self.fuse(self.encode_image(pixel_values).embeds, input_ids, attention_mask).itm_logits
 
     def lm_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        self._require_image_decoder("lm_logits")
         hidden = self.decode(self.encode_image(pixel_values).embeds, input_ids, attention_mask).hidden
         return self.lm_logits_from_hidden(hidden)
 
@@ -385,30 +406,19 @@ class VLPModel(nn.Module):
         transformers >= 4.36, what `BlipForConditionalGeneration.generate` gives today) or "total" (the
         transformers < 4.36 rule behind BLIP's published captions); see `generate.beam_search`.
         """
-        self._require_decoder()
-        t = self.cfg.text
-        bos, sep = t.bos_token_id, t.sep_token_id
-        if tokenizer is not None:
-            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else bos
-            sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else sep
+        self._require_image_decoder("generate")
+        bos, sep = special_ids(self, tokenizer)
         if isinstance(prompt, str):
             if prompt and tokenizer is None:
                 raise ValueError("generate: a text prompt needs a tokenizer (or pass prompt as token ids, or '')")
             prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
         else:
             prompt_ids = [int(i) for i in prompt]
-        for name, tid in (("[DEC] (bos)", bos), ("[SEP]", sep)):
-            if not 0 <= tid < t.vocab_size:
-                raise ValueError(f"generate: {name} id {tid} is outside the vocabulary of {t.vocab_size}; "
-                                 "pass the tokenizer or set text.bos_token_id / text.sep_token_id")
         if max_length <= len(prompt_ids) + 1:
             raise ValueError(f"generate: max_length={max_length} leaves no room after [DEC] and the prompt")
         image_embeds = self.encode_image(pixel_values).embeds
         start = torch.tensor([[bos] + prompt_ids], device=image_embeds.device).expand(image_embeds.shape[0], -1)
-        if num_beams < 1:
-            raise ValueError(f"generate: num_beams must be >= 1, got {num_beams}")
-        if length_norm not in LENGTH_NORMS:
-            raise ValueError(f"generate: length_norm must be one of {LENGTH_NORMS}, got {length_norm!r}")
+        check_search(num_beams, length_norm)
         if num_beams == 1:
             seqs = greedy(self, image_embeds, start, max_length, min_length, repetition_penalty, sep)
         else:
@@ -421,8 +431,17 @@ class VLPModel(nn.Module):
         text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids, skip_special_tokens=True)
         return [strip_prompt(tokenizer, text, prompt_ids, g) for g in ids]
 
-    def _next_logits(self, tokens, image_embeds, caches, past):
-        hidden = self._decode_hidden(image_embeds, tokens, None, caches=caches, past=past)
+    @torch.no_grad()
+    def vqa_answer(self, pixel_values, input_ids, attention_mask, *, answers=None, k=128, num_beams=3, max_length=10,
+                   min_length=1, tokenizer=None, smoothing=0.0):
+        """BLIP_VQA's answers ([ENC] first in `input_ids`, put there by the caller as BLIP does), generated or
+        ranked over `answers`: arguments and results in `models/vqa.py: answer_questions`."""
+        return answer_questions(self, pixel_values, input_ids, attention_mask, answers=answers, k=k,
+                                num_beams=num_beams, max_length=max_length, min_length=min_length,
+                                tokenizer=tokenizer, smoothing=smoothing)
+
+    def _next_logits(self, tokens, context, caches, past, context_mask=None):
+        hidden = self._decode_hidden(context, tokens, None, caches=caches, past=past, context_mask=context_mask)
         return self.lm_logits_from_hidden(hidden[:, -1]).float()
 
     def _new_caches(self):
