@@ -17,7 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dlip: config.json + model.safetensors; hf-blip: transformers BLIP (default: dlip)")
     p.add_argument("--hf-task", choices=("retrieval", "captioning"), default="retrieval",
                    help="with --format hf-blip: BlipForImageTextRetrieval or BlipForConditionalGeneration")
-    p.add_argument("--tokenizer", default="", help="tokenizer to write beside the weights (path or hub name)")
+    p.add_argument("--tokenizer", default="",
+                   help="tokenizer to write beside the weights (path or hub name; a training run's own by default). "
+                        "hf-blip writes a BlipProcessor (BLIP's eval image transform at the model's size, mean "
+                        "and std + this tokenizer), so BlipProcessor.from_pretrained(OUT) and the transformers "
+                        "pipelines work; without a tokenizer only the image processor is written, with a warning")
 
 
 def _is_run_dir(path: Path) -> bool:

@@ -16,6 +16,7 @@ from dlip_ds.models.keymaps import (
     prefixed,
     sub,
 )
+from dlip_ds.models.processor import write_processor
 from dlip_ds.models.vlp import VLPModel
 from dlip_ds.models.weights import load_state_strict, read_hf_weights
 
@@ -121,8 +122,7 @@ def export_hf_blip(model: VLPModel, out_dir: str | Path, tokenizer=None, task: s
     dst.mkdir(parents=True, exist_ok=True)
     _hf_config(model, arch).save_pretrained(str(dst))
     save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(dst))
+    write_processor(model.cfg, dst, tokenizer, task)  # BlipProcessor (tokenizer included), or the image processor
     return dst
 
 
