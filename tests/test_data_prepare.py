@@ -172,6 +172,28 @@ def test_folder_with_sidecars(tmp_path):
                                                           "sub/2.jpg": "missing_caption"}
 
 
+def test_karpathy_files(tmp_path):
+    """BLIP's coco_karpathy_train.json (one entry per caption, string image ids) and
+    coco_karpathy_test.json (a caption list per image, no image id)."""
+    images = tmp_path / "coco" / "val2014"
+    images.mkdir(parents=True)
+    for n in (391895, 522418):
+        Image.new("RGB", (8, 8), (n % 255, 0, 0)).save(images / f"COCO_val2014_{n:012d}.jpg")
+    rel = [f"val2014/COCO_val2014_{n:012d}.jpg" for n in (391895, 522418)]
+    train = [{"caption": "A man riding a bike.", "image": rel[0], "image_id": "coco_391895"},
+             {"caption": "A woman with a cake.", "image": rel[1], "image_id": "coco_522418"},
+             {"caption": "Someone on a bicycle", "image": rel[0], "image_id": "coco_391895"}]
+    test = [{"image": rel[0], "caption": ["a man on a bike", "a cyclist"]}, {"image": rel[1], "caption": ["cake"]}]
+    for name, entries in (("train", train), ("test", test)):
+        (tmp_path / f"coco_karpathy_{name}.json").write_text(json.dumps(entries))
+        prepare(str(tmp_path / f"coco_karpathy_{name}.json"), tmp_path / name, images=str(tmp_path / "coco"))
+    metas = {name: [json.loads(s["json"]) for s in read_out(tmp_path / name)[0]] for name in ("train", "test")}
+    assert [(m["image_id"], m["captions"]) for m in metas["train"]] == [
+        ("coco_391895", ["A man riding a bike.", "Someone on a bicycle"]), ("coco_522418", ["A woman with a cake."])]
+    assert [(m["image_id"], m["captions"]) for m in metas["test"]] == [
+        (rel[0], ["a man on a bike", "a cyclist"]), (rel[1], ["cake"])]
+
+
 def test_reshard_existing_shards_and_rerun(annotated):
     first = annotated / "first"
     prepare(str(annotated / "ann.json"), first, images=str(annotated / "images"), shard_size=1, max_pixels=1000)

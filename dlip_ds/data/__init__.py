@@ -1,4 +1,4 @@
-"""The data path: synthetic set, shard preparation, streaming loader, evaluation sets, inspection.
+"""The data path: synthetic set, shard preparation, streaming loaders (captions, VQA), evaluation sets, inspection.
 
 The public names below are imported lazily, so `dlip-ds synth --help` does not pay for torch."""
 
@@ -11,13 +11,16 @@ _EXPORTS = {
     "make_train_loader": "stream", "make_epoch_loader": "stream",
     "train_transform": "transforms", "eval_transform": "transforms",
     "load_eval_set": "evalset", "EvalSet": "evalset",
+    "make_vqa_train_loader": "vqa", "make_vqa_epoch_loader": "vqa", "load_answer_list": "vqa",
+    "clean_question": "qa",
 }
 # `synth` is not re-exported: the package attribute of that name is the submodule as soon as it is
 # imported, so the function would resolve to a module depending on import order. Use
 # `dlip_ds.data.synth.synth`.
 
-__all__ = ["EvalSet", "clean_caption", "eval_transform", "load_eval_set", "load_tokenizer",
-           "make_epoch_loader", "make_train_loader", "tokenizer_from_config", "train_transform"]
+__all__ = ["EvalSet", "clean_caption", "clean_question", "eval_transform", "load_answer_list", "load_eval_set",
+           "load_tokenizer", "make_epoch_loader", "make_train_loader", "make_vqa_epoch_loader", "make_vqa_train_loader",
+           "tokenizer_from_config", "train_transform"]
 
 
 def __getattr__(name: str):

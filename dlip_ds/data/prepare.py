@@ -8,6 +8,12 @@ Every usable image becomes one sample `<key>.jpg|png|webp` + `<key>.txt` (first 
 `<key>.json` ({"captions", "image_id", "source"}); captions of one image are grouped. Unusable
 inputs are skipped and listed in rejects.jsonl with a reason; input that cannot be read at all (a
 missing annotation file, a wrong column name) is an error before any work starts.
+
+BLIP's VQA files (vqa_train.json, vqa_val.json, vg_qa.json, vqa_test.json: entries with "question")
+are grouped by image instead: `<key>.json` holds {"qa": [...], "image_id", "source"} (see `qa.py`)
+and there is no .txt. Answer and question types come from VQAv2's official annotations when given
+(--vqa-annotations), else are inferred (`qa.answer_type_of`, `qa.question_type_of`); the image id
+is the official one, else the image's relative path.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from PIL import Image
 
 from dlip_ds.config import ConfigError
 from dlip_ds.data.evalset import read_annotations
+from dlip_ds.data.qa import group_vqa, is_vqa_annotation, load_json, official_types
 from dlip_ds.data.sample import (
     IMAGE_EXTS,
     BadSample,
@@ -65,6 +72,7 @@ class Item:
     image_id: object = None
     path: str | None = None
     data: bytes | None = None
+    qa: list | None = None  # a VQA sample's questions (then there are no captions)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -106,6 +114,17 @@ def json_items(path: Path, image_root: Path) -> list[Item]:
             yield e["image"], str(image_root / e["image"]), cap if isinstance(cap, list) else [cap], \
                 e.get("image_id", e["image"])
     return _group(rows())
+
+
+def vqa_items(entries: list, image_root: Path, annotations: list[str]) -> tuple[list[Item], list[dict]]:
+    """BLIP VQA entries -> (one Item per image with its questions, rejected entries)."""
+    official: dict = {}
+    for a in annotations:
+        official.update(official_types(Path(a)))
+    groups, rejects = group_vqa(entries, official)
+    items = [Item(source=rel, captions=[], image_id=g["image_id"], path=str(image_root / rel), qa=g["qa"])
+             for rel, g in groups.items()]
+    return items, rejects
 
 
 def table_items(path: Path, image_root: Path, path_column: str, caption_column: str) -> list[Item]:
@@ -180,7 +199,7 @@ def _clean(captions: list) -> tuple[list[str], list[BadSample]]:
 def process(item: Item, opts: Options) -> dict:
     """Item -> {"sample": {...} or None, "rejects": [...]}; never raises for bad input."""
     try:
-        captions, dropped = _clean(item.captions)
+        captions, dropped = _clean(item.captions) if item.qa is None else ([], [])
         data = item.data
         if data is None:
             try:
@@ -193,8 +212,12 @@ def process(item: Item, opts: Options) -> dict:
         ext, data = _encode(data, img, opts)
     except BadSample as e:
         return {"sample": None, "rejects": [{"source": item.source, "reason": e.reason, "detail": str(e)[:300]}]}
-    meta = {"captions": captions, "image_id": item.image_id, "source": item.source}
-    sample = {ext: data, "txt": captions[0], "json": json.dumps(meta, ensure_ascii=False)}
+    if item.qa is not None:
+        meta = {"qa": item.qa, "image_id": item.image_id, "source": item.source}
+        sample = {ext: data, "json": json.dumps(meta, ensure_ascii=False)}
+    else:
+        meta = {"captions": captions, "image_id": item.image_id, "source": item.source}
+        sample = {ext: data, "txt": captions[0], "json": json.dumps(meta, ensure_ascii=False)}
     rejects = [{"source": item.source, "reason": e.reason, "detail": f"caption dropped: {e}"[:300]} for e in dropped]
     return {"sample": sample, "rejects": rejects}
 
@@ -224,8 +247,9 @@ def _process_star(args: tuple[Item, Options]) -> dict:
 
 def prepare(source: str, out: str | Path, *, images: str | None = None, shard_size: int = 1000, max_side: int = 0,
             quality: int = 95, workers: int = 1, path_column: str = "filepath", caption_column: str = "caption",
-            prefix: str = "shard", max_pixels: int | None = None) -> dict:
-    """Write shards of `source` to `out`; returns the manifest."""
+            prefix: str = "shard", max_pixels: int | None = None, vqa_annotations: list[str] | None = None) -> dict:
+    """Write shards of `source` to `out`; returns the manifest. `vqa_annotations`: VQAv2's official
+    annotation files, for the types of a BLIP VQA source's questions."""
     from tqdm import tqdm
 
     if shard_size < 1 or not 1 <= quality <= 100 or max_side < 0 or workers < 1:
@@ -235,7 +259,13 @@ def prepare(source: str, out: str | Path, *, images: str | None = None, shard_si
     if images and not root.is_dir():
         raise ConfigError(f"prepare: --images {images} is not a directory")
     rejects: list[dict] = []
-    if kind == "json":
+    entries = load_json(Path(source)) if kind == "json" else None
+    if is_vqa_annotation(entries):
+        kind = "vqa"
+        items, rejects = vqa_items(entries, root, vqa_annotations or [])
+    elif vqa_annotations:
+        raise ConfigError(f"prepare: --vqa-annotations is for BLIP's VQA files; {source} holds no questions")
+    elif kind == "json":
         items = json_items(Path(source), root)
     elif kind == "table":
         items = table_items(Path(source), root, path_column, caption_column)
@@ -302,6 +332,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-column", default="filepath", metavar="C", help="image path column (default filepath)")
     p.add_argument("--caption-column", default="caption", metavar="C", help="caption column (default caption)")
     p.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar (default shard)")
+    p.add_argument("--vqa-annotations", action="append", metavar="FILE",
+                   help="VQAv2 mscoco_*_annotations.json with the answer/question types of a VQA source (repeatable)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="skip larger images (default PIL.Image.MAX_IMAGE_PIXELS, a decompression-bomb guard)")
 
@@ -310,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prepare(args.source, args.out, images=args.images, shard_size=args.shard_size, max_side=args.max_side,
                 quality=args.quality, workers=args.workers, path_column=args.path_column,
-                caption_column=args.caption_column, prefix=args.prefix, max_pixels=args.max_pixels)
+                caption_column=args.caption_column, prefix=args.prefix, max_pixels=args.max_pixels,
+                vqa_annotations=args.vqa_annotations)
     return 0
 

@@ -140,8 +140,9 @@ def load_json(path: Path):
 
 
 def is_vqa_annotation(entries) -> bool:
-    """BLIP's vqa_*.json / vg_qa.json: a list whose entries carry "question" (captions carry "caption")."""
-    return isinstance(entries, list) and bool(entries) and isinstance(entries[0], dict) and "question" in entries[0]
+    """BLIP's vqa_*.json / vg_qa.json: a list whose entries carry "question" (captions carry "caption");
+    one is enough, so a file that opens with a damaged entry is still read as VQA (and that entry rejected)."""
+    return isinstance(entries, list) and any(isinstance(e, dict) and "question" in e for e in entries)
 
 
 def official_types(path: Path) -> dict:

@@ -86,7 +86,7 @@ class _SplitByRank:
         return itertools.islice(src, self.rank, None, self.world_size)
 
 
-class _PrivateRNG:
+class PrivateRNG:
     """Runs augmentation under its own python/numpy/torch RNG streams (torchvision draws from torch,
     timm's RandAugment from python and numpy), seeded per worker on first use, so results are
     deterministic and the trainer's global RNG state is untouched (workers=0)."""
@@ -146,7 +146,7 @@ class ToExample:
 
     def __init__(self, transform: Callable, counter: SkipCounter, *, max_words: int, train: bool, seed: int):
         self.transform, self.counter, self.max_words, self.train = transform, counter, max_words, train
-        self.rng = _PrivateRNG(seed)
+        self.rng = PrivateRNG(seed)
 
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
