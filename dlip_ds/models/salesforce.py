@@ -1,4 +1,5 @@
-"""Salesforce BLIP `.pth` checkpoints (models/blip_pretrain.py, blip_retrieval.py, blip.py decoder)."""
+"""Salesforce BLIP `.pth` checkpoints (models/blip_pretrain.py, blip_retrieval.py, blip.py BLIP_Decoder,
+blip_vqa.py), pretrained or fine-tuned."""
 
 from __future__ import annotations
 
@@ -22,14 +23,26 @@ _RENAMED = (("itc.vision_proj.", "vision_proj."), ("itc.text_proj.", "text_proj.
             ("momentum.vision_proj.", "vision_proj_m."), ("momentum.text_proj.", "text_proj_m."))
 
 
+# The top-level modules of BLIP's models; which of them a checkpoint holds says which model wrote it.
+_HEADS = ("vision_proj", "text_proj", "itm_head")
+_MOMENTUM = ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m")
+_KNOWN = {"visual_encoder", "text_encoder", "text_decoder", "temp", *_HEADS, *_MOMENTUM, *_DROP_SALESFORCE}
+_LAYOUTS = ("pretraining (blip_pretrain.py: visual_encoder, text_encoder, text_decoder, vision_proj, text_proj, "
+            "itm_head), retrieval (blip_retrieval.py: the same without text_decoder), captioning (blip.py "
+            "BLIP_Decoder: visual_encoder, text_decoder) or VQA (blip_vqa.py: visual_encoder, text_encoder, "
+            "text_decoder); momentum copies (*_m), temp and queues only beside the ITC heads")
+
 # BLIP's `create_vit(vit, ...)`: the ViT sizes its training configs name (`vit: base` in caption_coco.yaml)
 _BLIP_VIT_HEADS = {"base": 12, "large": 16}
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
 def load_salesforce_blip(path: Path, med_config, overrides: dict, *, vision_config=None, tokenizer=None) -> VLPModel:
-    """A Salesforce BLIP checkpoint: the topology (decoder shared or not, momentum copies) is read from the
-    keys, sizes from the shapes and the med config json (`med_config=` or `med_config.json` beside the
+    """A Salesforce BLIP checkpoint, pretrained or fine-tuned: the model that wrote it is read from its top-level
+    keys (pretraining; retrieval -> no decoder; captioning -> vision + its own decoder, the text encoder and
+    heads left at their initialisation; VQA -> the answer decoder, `decoder.context="question"`, the ITC/ITM
+    heads at their initialisation), the rest of the topology (decoder shared or not, momentum copies) from the
+    keys too, sizes from the shapes and the med config json (`med_config=` or `med_config.json` beside the
     file). Attention heads are not in the weights. The vision encoder's come from `vision={"heads": n}`,
     else `vision_config` (a dict or a JSON/YAML file: `heads` or `num_attention_heads`, top level or under
     `vision_config`, or BLIP's `vit: base|large`), else the med config's `vision_config` section, else
@@ -39,24 +52,22 @@ def load_salesforce_blip(path: Path, med_config, overrides: dict, *, vision_conf
     `tokenizer/` folder there), else bert-base-uncased + [DEC] + [ENC]'s defaults."""
     where = str(path)
     state = read_weights(path)
+    layout = _layout(state, where)
     med = _read_med(path, med_config)
     dropped = [k for k in state if k.startswith(_DROP_SALESFORCE)]
     if dropped:
         log.info("%s: ignoring ITC queues %s (the loss owns them)", where, ", ".join(dropped))
     vis = sub(state, "visual_encoder.")
-    if not vis:
-        raise ConfigError(f"{where}: no 'visual_encoder.*' keys; not a Salesforce BLIP checkpoint")
     text = bert_to_ours(sub(state, "text_encoder."), where)
     dec = bert_to_ours(sub(state, "text_decoder.bert."), where)
-    if not text and not dec:
-        raise ConfigError(f"{where}: neither 'text_encoder.*' nor 'text_decoder.*' keys")
     bert_src = text or dec
     tcfg = _infer_bert(bert_src, med, where)
-    cross = sorted({int(k.split(".")[1]) for k in bert_src if ".cross_attn." in k})
-    if cross != list(range(tcfg["depth"] - len(cross), tcfg["depth"])):
-        raise ConfigError(f"{where}: cross-attention in text layers {cross}; expected the last K layers")
-    # BLIP pretraining ties every decoder weight but self-attention to the text encoder.
-    share = bool(text and dec) and all(
+    cross = _cross_layers(bert_src, tcfg["depth"], where, "text_encoder" if text else "text_decoder")
+    if text and dec:
+        _check_decoder(dec, cross, tcfg, layout, where)
+    # BLIP pretraining ties every decoder weight but self-attention to the text encoder; BLIP_VQA's answer
+    # decoder is its own stack, reading the question states.
+    share = layout == "pretrain" and all(
         torch.equal(v, text[k]) for k, v in dec.items() if ".self_attn." not in k and k in text)
     ours = _to_ours(state, vis, text, dec, share, where)
     vcfg = _vision_config(vis)
@@ -67,15 +78,58 @@ def load_salesforce_blip(path: Path, med_config, overrides: dict, *, vision_conf
         "vision": vcfg,
         "text": tcfg,
         "fusion": {"mode": "blip", "layers": len(cross)},
-        "decoder": {"enabled": bool(dec), "share": share},
+        "decoder": {"enabled": bool(dec), "share": share, "context": "question" if layout == "vqa" else "image"},
         "embed_dim": state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
         "momentum": "visual_encoder_m.cls_token" in state,
     }
     cfg = model_config_from_dict(deep_merge(data, overrides), where)
     model = VLPModel(cfg)
-    allow = ("text.", "itc.", "itm_head.") if not text else ("itc.temp",)
+    # what the model that wrote the checkpoint does not have keeps its initialisation (logged)
+    allow = {"captioning": ("text.", "itc.", "itm_head."), "vqa": ("itc.", "itm_head.")}.get(layout, ("itc.temp",))
     load_state_strict(model, ours, where, allow_missing=allow)
     return model
+
+
+def _layout(state: dict, where: str) -> str:
+    """Which BLIP model wrote `state` ("pretrain", "retrieval", "captioning", "vqa"), from its top-level modules."""
+    tops = {k.split(".")[0] for k in state}
+    unknown = sorted(tops - _KNOWN)
+    heads = [h for h in _HEADS if h in tops]
+    enc, dec = "text_encoder" in tops, "text_decoder" in tops
+    layout = None
+    if "visual_encoder" in tops and not unknown:
+        if enc and len(heads) == len(_HEADS):
+            layout = "pretrain" if dec else "retrieval"
+        elif dec and not heads and not tops & {*_MOMENTUM, "temp"}:
+            layout = "vqa" if enc else "captioning"
+    if layout is None:
+        extra = f" ({', '.join(unknown)} unknown)" if unknown else ""
+        raise ConfigError(f"{where}: not a Salesforce BLIP checkpoint layout this loader knows: its top-level keys "
+                          f"are {', '.join(sorted(tops))}{extra}; expected {_LAYOUTS}")
+    return layout
+
+
+def _cross_layers(bert: dict, depth: int, where: str, name: str) -> list[int]:
+    cross = sorted({int(k.split(".")[1]) for k in bert if ".cross_attn." in k})
+    if cross != list(range(depth - len(cross), depth)):
+        raise ConfigError(f"{where}: cross-attention in {name} layers {cross}; expected the last K layers")
+    return cross
+
+
+def _check_decoder(dec: dict, cross: list[int], tcfg: dict, layout: str, where: str) -> None:
+    """The decoder runs the text encoder's layer sequence (same depth, same cross-attention layers); BLIP_VQA's
+    cross-attention reads the question states, so its keys/values take text-width input (its med config's
+    `encoder_width`)."""
+    depth = 1 + max(int(k.split(".")[1]) for k in dec if k.startswith("layers."))
+    if depth != tcfg["depth"] or _cross_layers(dec, depth, where, "text_decoder") != cross:
+        raise ConfigError(f"{where}: text_decoder has {depth} layers with cross-attention in "
+                          f"{_cross_layers(dec, depth, where, 'text_decoder')}; the text encoder {tcfg['depth']} "
+                          f"with {cross}: a decoder must run the encoder's layer sequence")
+    key = f"layers.{cross[0]}.cross_attn.key.weight" if cross else None
+    if layout == "vqa" and key and dec[key].shape[1] != tcfg["width"]:
+        raise ConfigError(f"{where}: text_decoder.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight reads "
+                          f"{dec[key].shape[1]}-wide states; BLIP_VQA's answer decoder reads the question states, "
+                          f"{tcfg['width']} wide (the text width)")
 
 
 def _read_med(path: Path, med_config) -> dict:
