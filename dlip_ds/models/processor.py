@@ -1,5 +1,11 @@
 """The transformers processor of an exported BLIP directory: `BlipProcessor(BlipImageProcessor, tokenizer)`,
 so that `BlipProcessor.from_pretrained(DIR)` and the pipelines read images and text as the model was trained.
+
+With transformers 5: a captioning export runs in `pipeline("image-text-to-text", model=DIR)` ("image-to-text"
+is an alias of it), which needs a text: the prompt (BLIP's "a picture of", or "" for none). The
+visual-question-answering pipeline is gone from transformers 5; a VQA export answers with
+`BlipForQuestionAnswering.from_pretrained(DIR).generate(**processor(images=image, text=question,
+return_tensors="pt"))`, decoded with `processor.decode(ids, skip_special_tokens=True)`.
 """
 
 from __future__ import annotations
