@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("dlip", "hf-blip"), default="dlip",
                    help="dlip: config.json + model.safetensors; hf-blip: transformers BLIP (default: dlip)")
-    p.add_argument("--hf-task", choices=("retrieval", "captioning"), default="retrieval",
-                   help="with --format hf-blip: BlipForImageTextRetrieval or BlipForConditionalGeneration")
+    p.add_argument("--hf-task", choices=("retrieval", "captioning", "vqa"), default="retrieval",
+                   help="with --format hf-blip: BlipForImageTextRetrieval, BlipForConditionalGeneration or "
+                        "BlipForQuestionAnswering (a VQA model: decoder.context=question)")
     p.add_argument("--tokenizer", default="",
                    help="tokenizer to write beside the weights (path or hub name; a training run's own by default). "
                         "hf-blip writes a BlipProcessor (BLIP's eval image transform at the model's size, mean "

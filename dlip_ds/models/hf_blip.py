@@ -1,5 +1,5 @@
-"""transformers BLIP directories (`BlipForImageTextRetrieval`, `BlipForConditionalGeneration`): import
-into a `VLPModel` and export from one."""
+"""transformers BLIP directories (`BlipForImageTextRetrieval`, `BlipForConditionalGeneration`,
+`BlipForQuestionAnswering`): import into a `VLPModel` and export from one."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dlip_ds.models.keymaps import (
 )
 from dlip_ds.models.processor import write_processor
 from dlip_ds.models.vlp import VLPModel
+from dlip_ds.models.vqa import decoder_stack_state, is_vqa
 from dlip_ds.models.weights import load_state_strict, read_hf_weights
 
 
@@ -61,17 +62,32 @@ def load_hf_blip(path: Path, overrides: dict) -> VLPModel:
         allow = ("itc.temp", "decoder.", "lm_head.")  # transformers keeps no temperature; a decoder was asked for
     elif arch == "BlipForConditionalGeneration":
         cfg = _config_from_hf(hf, overrides, {"enabled": True, "share": False}, where)
-        ours = {**prefixed(vision, "vision."),
-                **prefixed(bert_to_ours(sub(state, "text_decoder.bert."), str(path)), "decoder.stack."),
-                **lm_head_from_bert(sub(state, "text_decoder.cls.predictions."),
-                                    state.get("text_decoder.bert.embeddings.word_embeddings.weight"), str(path))}
+        ours = {**prefixed(vision, "vision."), **_decoder_from_hf(state, str(path))}
         allow = ("text.", "itc.", "itm_head.", "fusion.")  # a captioner has no text encoder or ITC/ITM heads
+    elif arch == "BlipForQuestionAnswering":
+        t = hf.text_config
+        if t.encoder_hidden_size != t.hidden_size:  # one width serves both cross-attentions there (image, question)
+            raise ConfigError(f"{where}: text_config.encoder_hidden_size={t.encoder_hidden_size} != hidden_size="
+                              f"{t.hidden_size}: transformers' answer decoder reads the question states with "
+                              "encoder_hidden_size-wide keys/values, so this model cannot run")
+        cfg = _config_from_hf(hf, overrides, {"enabled": True, "share": False, "context": "question"}, where)
+        ours = {**prefixed(vision, "vision."),
+                **prefixed(bert_to_ours(sub(state, "text_encoder."), str(path)), "text."),
+                **_decoder_from_hf(state, str(path))}
+        allow = ("itc.", "itm_head.")  # BLIP_VQA has no ITC/ITM heads
     else:
         raise ConfigError(f"{where}: architecture '{arch}' is not supported "
-                          "(BlipForImageTextRetrieval or BlipForConditionalGeneration)")
+                          "(BlipForImageTextRetrieval, BlipForConditionalGeneration or BlipForQuestionAnswering)")
     model = VLPModel(cfg)
     load_state_strict(model, ours, str(path), allow_missing=allow)
     return model
+
+
+def _decoder_from_hf(state: dict, where: str) -> dict:
+    """`text_decoder.bert.*` and `text_decoder.cls.*` -> our `decoder.stack.*` and `lm_head.*`."""
+    return {**prefixed(bert_to_ours(sub(state, "text_decoder.bert."), where), "decoder.stack."),
+            **lm_head_from_bert(sub(state, "text_decoder.cls.predictions."),
+                                state.get("text_decoder.bert.embeddings.word_embeddings.weight"), where)}
 
 
 def _hf_config(model: VLPModel, arch: str):
@@ -97,7 +113,9 @@ def _hf_config(model: VLPModel, arch: str):
 def export_hf_blip(model: VLPModel, out_dir: str | Path, tokenizer=None, task: str = "retrieval") -> Path:
     """Write a transformers BLIP directory: `task="retrieval"` -> BlipForImageTextRetrieval (vision, text
     encoder with cross-attention, ITC/ITM heads); `"captioning"` -> BlipForConditionalGeneration (vision,
-    decoder). transformers' BLIP has cross-attention in every text layer, so the topology must be BLIP's.
+    decoder); `"vqa"` -> BlipForQuestionAnswering (vision, question encoder, answer decoder: a model with
+    decoder.context=question, see models/vqa.py `to_vqa_model`). transformers' BLIP has cross-attention in
+    every text layer, so the topology must be BLIP's.
     """
     from safetensors.torch import save_file
 
@@ -111,13 +129,15 @@ def export_hf_blip(model: VLPModel, out_dir: str | Path, tokenizer=None, task: s
         out.update(prefixed(sub(state, "itm_head."), "itm_head."))
         arch = "BlipForImageTextRetrieval"
     else:
-        out.update(prefixed(ours_to_bert(_decoder_stack_state(model, state)), "text_decoder.bert."))
+        if task == "vqa":
+            out.update(prefixed(ours_to_bert(sub(state, "text.")), "text_encoder."))
+        out.update(prefixed(ours_to_bert(decoder_stack_state(model, state)), "text_decoder.bert."))
         out.update({"text_decoder.cls.predictions.transform.dense.weight": state["lm_head.dense.weight"],
                     "text_decoder.cls.predictions.transform.dense.bias": state["lm_head.dense.bias"],
                     "text_decoder.cls.predictions.transform.LayerNorm.weight": state["lm_head.norm.weight"],
                     "text_decoder.cls.predictions.transform.LayerNorm.bias": state["lm_head.norm.bias"],
                     "text_decoder.cls.predictions.bias": state["lm_head.bias"]})
-        arch = "BlipForConditionalGeneration"
+        arch = "BlipForQuestionAnswering" if task == "vqa" else "BlipForConditionalGeneration"
     dst = Path(out_dir)
     dst.mkdir(parents=True, exist_ok=True)
     _hf_config(model, arch).save_pretrained(str(dst))
@@ -136,20 +156,19 @@ def _check_exportable(c: ModelConfig, task: str) -> None:
                         "(transformers BLIP has cross-attention in every text layer)")
     if task == "captioning" and not c.decoder.enabled:
         problems.append("decoder.enabled=false (a captioning export needs the decoder)")
-    if task not in ("retrieval", "captioning"):
-        problems.append(f"task='{task}' (retrieval or captioning)")
+    if task == "captioning" and is_vqa(c):
+        problems.append("decoder.context='question' (this decoder answers questions: export it with task='vqa')")
+    if task == "vqa" and not is_vqa(c):
+        problems.append("no answer decoder (decoder.context must be 'question'; convert a pretrained or captioning "
+                        "model with dlip_ds.models.vqa.to_vqa_model and fine-tune it)")
+    if task == "vqa" and c.vision.width != c.text.width:
+        problems.append(f"vision.width={c.vision.width} != text.width={c.text.width} (transformers' BLIP config has "
+                        "one encoder_hidden_size for the question encoder's cross-attention to the image and the "
+                        "answer decoder's to the question)")
+    if task not in ("retrieval", "captioning", "vqa"):
+        problems.append(f"task='{task}' (retrieval, captioning or vqa)")
     if (v := c.vision.width * c.vision.mlp_ratio) != int(v):
         problems.append(f"vision.width * vision.mlp_ratio = {v} is not an integer")
     if problems:
         raise ConfigError("cannot export as transformers BLIP: " + "; ".join(problems))
 
-
-def _decoder_stack_state(model: VLPModel, state: dict) -> dict:
-    """The decoder as one standalone stack (TextEncoder names), resolving weights shared with the text encoder."""
-    if not model.cfg.decoder.share:
-        return sub(state, "decoder.stack.")
-    stack = {k: v for k, v in sub(state, "text.").items() if ".self_attn." not in k}
-    for key, value in sub(state, "decoder.self_attn.").items():
-        idx, _, rest = key.partition(".")
-        stack[f"layers.{idx}.self_attn.{rest}"] = value
-    return stack
