@@ -322,7 +322,7 @@ def _write_rejects(path: Path, rejects: list[dict]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE", help="annotation .json, .csv/.tsv table, image folder, or shards")
+    p.add_argument("source", metavar="SOURCE", help="annotation .json (captions, or BLIP's VQA questions), .csv/.tsv table, image folder, or shards")
     p.add_argument("--out", required=True, help="output directory for shards, manifest.json, rejects.jsonl")
     p.add_argument("--images", metavar="ROOT", help="image root for .json/.csv paths (default: the file's folder)")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
