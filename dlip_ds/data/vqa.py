@@ -73,6 +73,7 @@ class ToVQAExamples:
                         gt = [_swap_sides(a) for a in gt]
                     pixels = self.transform(img)
             answers, weights = answer_weights(gt, q.get("dataset", "vqa"))
+            # question_id: an integer id as is, any other (VG's strings) as a stable crc32, like image ids
             out.append({"image": pixels, "question": question, "answers": answers, "weights": weights,
                         "gt_answers": gt, "answer_type": q.get("answer_type"), "question_type": q.get("question_type"),
                         "question_key": q["question_id"], "question_id": image_id_of({"image_id": q["question_id"]}, ""),
