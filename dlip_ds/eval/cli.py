@@ -228,13 +228,13 @@ def resolve_vqa_answers(answer_list: str | None, mode: str | None, data: str) ->
         if answer_list:
             log.warning("--vqa-mode generate: --answer-list %s is not used", answer_list)
         return mode, None
-    answers = load_answer_list(answer_list or data)
-    if answers is None:
-        if mode == "rank":
-            raise ConfigError(f"--vqa-mode rank needs an answer list: pass --answer-list FILE or put answer_list.json "
-                              f"beside the shards of {data}")
+    if answer_list or mode == "rank":
+        return "rank", load_answer_list(answer_list or data)
+    try:
+        return "rank", load_answer_list(data)
+    except ConfigError as e:  # none beside the shards (or a broken one: the warning says which)
+        log.warning("%s: generating answers instead of ranking (pass --answer-list FILE to rank)", e)
         return "generate", None
-    return "rank", answers
 
 
 def run_vqa(args: argparse.Namespace, model, tokenizer, *, rank: int, world_size: int, device) -> None:
@@ -250,7 +250,8 @@ def run_vqa(args: argparse.Namespace, model, tokenizer, *, rank: int, world_size
     if rank != 0:
         return
     out = _out_dir(args)
-    info = {"model": args.model, "data": args.data, "answer_list": args.answer_list if answers is not None else None,
+    info = {"model": args.model, "data": args.data,
+            "answer_list": (args.answer_list or "answer_list.json beside the shards") if answers is not None else None,
             "answers": len(answers) if answers is not None else None, "k": k if answers is not None else None,
             "num_beams": args.num_beams if answers is None else None}
     out.mkdir(parents=True, exist_ok=True)

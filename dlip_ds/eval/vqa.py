@@ -180,14 +180,14 @@ def write_vqa_predictions(path: str | Path, predictions: Mapping | Iterable[Mapp
 # ----------------------------------------------------------------------------- evaluation loop
 
 
-def _question_total(shards) -> int | None:
-    """Questions in `shards` when a directory's manifest counts them (the progress bar's ETA), else None."""
+def _image_total(shards) -> int | None:
+    """Images (samples) in `shards` when they are a directory with a manifest, else None: the progress
+    bar counts images, since no manifest counts questions."""
     from dlip_ds.data.shards import read_manifest
 
     if not isinstance(shards, (str, Path)) or not Path(shards).is_dir():
         return None
-    manifest = read_manifest(shards) or {}
-    total = manifest.get("questions")
+    total = (read_manifest(shards) or {}).get("samples")
     return total if isinstance(total, int) and total > 0 else None
 
 
@@ -207,13 +207,13 @@ def predict_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = Non
                                    batch_size=batch_size)
     if answer_list is not None:
         k = min(k, len(answer_list))  # BLIP's top-k of the first answer token cannot exceed the list
-    total = _question_total(shards)
+    total = _image_total(shards)
     # Rank 0 shows its own share; the ranks read about equal slices.
     bar = tqdm(total=-(-total // world_size) if total else None, desc="VQA " + ("rank" if answer_list else "generate"),
-               unit="q", disable=not progress or rank != 0, dynamic_ncols=True)
+               unit="img", disable=not progress or rank != 0, dynamic_ncols=True)
     was_training = model.training
     model.eval()
-    rows, skipped = [], 0
+    rows, skipped, images = [], 0, set()
     try:
         for batch in loader:
             skipped += sum(batch.get("skipped", {}).values())
@@ -225,7 +225,10 @@ def predict_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = Non
                                        tokenizer=tokenizer)
             rows += [{"question_id": q, "answer": a, "gt_answers": list(g), "answer_type": t} for q, a, g, t in
                      zip(batch["question_keys"], answers, batch["gt_answers"], batch["answer_types"], strict=True)]
-            bar.update(len(answers))
+            new = set(batch["image_ids"].tolist()) - images  # an image's questions may straddle two batches
+            images |= new
+            bar.update(len(new))
+            bar.set_postfix(questions=len(rows), refresh=False)
     finally:
         bar.close()
         model.train(was_training)
