@@ -258,7 +258,7 @@ def evaluate_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = No
                  progress: bool = True) -> tuple[dict, list[dict]]:
     """(metrics, predictions) of `model` on the VQA `shards`, on every rank: `vqa_scores`' accuracies plus
     "mode" ("rank": BLIP's ranking of `answer_list`, the top `k` answers by their first token re-scored
-    whole; "generate": beam search, BLIP's defaults), "seconds" and "skipped" (unreadable samples), and
+    whole; "generate": beam search, BLIP's defaults), "seconds" and "skipped" (samples and questions the loader skipped), and
     `[{"question_id", "answer"}]` in question-id order."""
     start = time.perf_counter()
     if answer_list is not None and not answer_list:
@@ -267,7 +267,7 @@ def evaluate_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = No
                                 max_length=max_length, min_length=min_length, batch_size=batch_size,
                                 data_cfg=data_cfg, device=device, rank=rank, world_size=world_size, progress=progress)
     if not rows:
-        raise ValueError(f"no VQA question read from {shards} ({skipped} samples skipped)")
+        raise ConfigError(f"no VQA question read from {shards} ({skipped} samples or questions skipped)")
     predictions = {r["question_id"]: r["answer"] for r in rows}
     questions = [{"question_id": r["question_id"], "answers": r["gt_answers"], "answer_type": r["answer_type"]}
                  for r in rows]
@@ -275,7 +275,8 @@ def evaluate_vqa(model, shards, tokenizer, *, answer_list: list[str] | None = No
     if not metrics["questions"]:
         log.warning("no question of %s has answers (a test split?): no accuracy, predictions only", shards)
     if skipped:
-        log.warning("%d VQA samples of %s were skipped (unreadable): their questions are not scored", skipped, shards)
+        log.warning("%d VQA samples or questions of %s were skipped (unreadable image, malformed question): not "
+                    "scored", skipped, shards)
     metrics.update({"mode": "generate" if answer_list is None else "rank", "skipped": skipped,
                     "seconds": time.perf_counter() - start})
     return metrics, [{"question_id": r["question_id"], "answer": r["answer"]} for r in rows]
