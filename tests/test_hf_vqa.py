@@ -197,6 +197,16 @@ def test_export_converted_pretrained_model(tiny_model, tmp_path):
         assert max_diff(a, b) <= TOL
 
 
+def test_export_cli_vqa(tiny_model, tmp_path):
+    from dlip_ds.cli import main
+    from dlip_ds.models.dlip_format import save_model
+
+    save_model(to_vqa_model(tiny_model()), tmp_path / "src")
+    assert main(["export", str(tmp_path / "src"), "--out", str(tmp_path / "hf"), "--format", "hf-blip",
+                 "--hf-task", "vqa"]) == 0
+    assert transformers.BlipForQuestionAnswering.from_pretrained(tmp_path / "hf") is not None
+
+
 def test_export_refuses_what_transformers_cannot_express(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="decoder.context must be 'question'.*to_vqa_model"):
         export_hf_blip(tiny_model(), tmp_path, task="vqa")

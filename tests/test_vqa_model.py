@@ -251,6 +251,19 @@ def test_to_vqa_model_albef_and_other_widths(tiny_model, caplog):
     assert torch.equal(layer.mlp.fc1.weight, ref.mlp.fc1.weight)
 
 
+def test_our_format_keeps_the_topology(vqa_model, tmp_path):
+    import dlip_ds
+    from dlip_ds.models.dlip_format import save_model
+
+    m = vqa_model(seed=10)
+    save_model(m, tmp_path)
+    back = dlip_ds.load_model(tmp_path)
+    assert back.cfg.decoder.context == "question"
+    px, ids, mask = questions()
+    with torch.no_grad():
+        assert back.vqa_answer(px, ids, mask, num_beams=3) == m.vqa_answer(px, ids, mask, num_beams=3)
+
+
 # --------------------------------------------------------------------------- errors
 
 
