@@ -4,7 +4,8 @@ the models alternating), with the B/A ratios. Works for presets without weights.
 
 Tasks, per image (batch 1 by default): `itc` = vision + unimodal text encoders (retrieval features);
 `itm` = vision + multimodal fusion pass; `caption` = vision + one beam-search caption whose length is fixed
-(`min_length = max_length`), so that models stopping at different tokens are compared on equal work.
+(`min_length = max_length`), so that models stopping at different tokens are compared on equal work;
+`vqa` (VQA models, in place of `caption`) = vision + question fusion + one answer of 10 tokens, beams alike.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 
 from dlip_ds.config import ConfigError
 
-TASKS = ("itc", "itm", "caption")
+TASKS = ("itc", "itm", "caption", "vqa")
+VQA_ANSWER_LEN = 10  # BLIP's answer max_length
 
 
 def param_counts(model) -> dict[str, int]:
@@ -57,10 +59,16 @@ def _task_fns(model, pixels, ids, mask, caption_len: int, num_beams: int):
     def caption():
         return model.generate(pixels, prompt=[], num_beams=num_beams, max_length=caption_len, min_length=caption_len)
 
+    def vqa():  # a whole answer generated for the question (`ids`), with the same beams as a caption
+        return model.vqa_answer(pixels, ids, mask, num_beams=num_beams, max_length=VQA_ANSWER_LEN,
+                                min_length=VQA_ANSWER_LEN)
+
     fns = {"itc": itc}
     if model.cfg.fusion.layers:
         fns["itm"] = itm
-    if model.cfg.decoder.enabled:
+    if model.cfg.decoder.enabled and model.cfg.decoder.context == "question":
+        fns["vqa"] = vqa
+    elif model.cfg.decoder.enabled:
         fns["caption"] = caption
     return fns
 

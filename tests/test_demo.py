@@ -66,3 +66,34 @@ def test_demo_refuses_to_mix_scales(tmp_path, capsys):
     (tmp_path / "demo.json").write_text(json.dumps({"scale_name": "quick"}))
     assert main(["demo", "--ci", "--out", str(tmp_path)]) == 2
     assert "holds a 'quick' demo run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["vqa", "captioning"])
+def test_task_demo_fine_tunes_the_three_and_reports(demo_out, task):
+    """`demo --task` on the pretrained demo: three fine-tuning runs from the right sources (the student
+    and the baseline from the distilled student, the student taught by the fine-tuned teacher), scored by
+    `dlip-ds evaluate --task`, the report consistent with what evaluate wrote."""
+    from dlip_ds.demo_tasks import METRICS
+    from dlip_ds.recipe import load_recipe
+
+    assert main(["demo", "--ci", "--task", task, "--out", str(demo_out)]) == 0
+    report = json.loads((demo_out / "tasks" / task / "report.json").read_text())
+    key = METRICS[task][0]
+    runs = {m: demo_out / "runs" / f"{task}-{m}" for m in MODELS}
+    for m in MODELS:
+        recipe = load_recipe(str(runs[m] / "config.yaml"))
+        assert recipe.task == task
+        assert recipe.student.source == str(demo_out / "runs" / ("teacher" if m == "teacher" else "student") / "student")
+        assert recipe.teacher.source == (str(runs["teacher"] / "student") if m == "student" else "")
+        assert bool(recipe.loss.kd) == (m == "student")
+        written = json.loads((demo_out / "eval" / f"{task}-{m}" /
+                              ("vqa_metrics.json" if task == "vqa" else "metrics.json")).read_text())
+        written = written if task == "vqa" else written[task]
+        assert report[m]["score"] == pytest.approx(written[key])
+        assert report[m]["params"] > 0 and report[m]["flops"] > 0
+    assert report["student"]["params"] == report["baseline"]["params"] < report["teacher"]["params"]
+    c = report["student_vs_teacher"]
+    assert c["keeps_95pct"] == (report["student"]["score"] >= 0.95 * report["teacher"]["score"])
+    for name in ("report.md", "quality.png", "loss_curves.png"):
+        assert (demo_out / "tasks" / task / name).stat().st_size > 0

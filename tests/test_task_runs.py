@@ -42,7 +42,7 @@ def _train(assets: Path, recipe: str, out: Path, *sets: str) -> str:
 def _losses(log: str) -> list[dict[str, float]]:
     """Each step line's terms: 'step 2/3 | loss 3.1 (itc 1.2 itm 0.7) | ...'."""
     rows = []
-    for m in re.finditer(r"^step \d+/\d+ \| loss (\S+) \(([^)]*)\)", log, re.M):
+    for m in re.finditer(r"^step \d+/\d+ \| loss (\S+) \(([^)]*)\)", log, re.MULTILINE):
         terms = dict(zip(*[iter(m.group(2).split())] * 2))
         rows.append({"total": float(m.group(1)), **{k: float(v) for k, v in terms.items()}})
     return rows
