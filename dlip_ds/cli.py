@@ -10,10 +10,10 @@ SUBCOMMANDS = {
     "prepare": ("dlip_ds.data.prepare", "write webdataset shards from annotations, tables, folders or shards"),
     "inspect": ("dlip_ds.data.inspect", "stream shards through the real pipeline and report"),
     "train": ("dlip_ds.train", "pretrain or distil a model with DeepSpeed"),
-    "evaluate": ("dlip_ds.eval.cli", "retrieval and captioning metrics"),
+    "evaluate": ("dlip_ds.eval.cli", "retrieval, captioning and VQA metrics"),
     "export": ("dlip_ds.models.export", "export a run or model (dlip format or transformers BLIP)"),
     "profile": ("dlip_ds.profile", "parameters, FLOPs and latency of models"),
-    "demo": ("dlip_ds.demo_cli", "the embedded default: synth, pretrain, distil, evaluate, profile"),
+    "demo": ("dlip_ds.demo_cli", "the embedded default: synth, pretrain, distil, evaluate, profile (--task: fine-tune)"),
 }
 
 
