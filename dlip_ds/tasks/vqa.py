@@ -58,6 +58,9 @@ class VQATask(Task):
         self.check_model(cfg.decoder.enabled and getattr(cfg.decoder, "context", "image") == "question",
                          "the vqa task needs BLIP's VQA topology (an answer decoder reading the question: "
                          "decoder.context=question); start from student.source, which the task converts")
+        # BLIP_VQA has no ITC/ITM heads; ours are kept (unused) for the export, and nothing trains them
+        student.itc.requires_grad_(False)
+        student.itm_head.requires_grad_(False)
         for i, r in enumerate(plan.terms if plan is not None else ()):
             self.check_model(not (r.term.kind == "attn" and r.term.attn == "cross" and r.term.module == "decoder"),
                              f"loss.kd[{i}]: cross-attention KD of the answer decoder is not supported (its keys "
