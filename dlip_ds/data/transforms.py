@@ -41,6 +41,11 @@ def eval_transform(vision: VisionConfig) -> T.Compose:
     ])
 
 
+def swap_left_right(text: str) -> str:
+    """"left" <-> "right" (whole words): the text of a mirrored image."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
 def hflip_pair(image: Image.Image, caption: str) -> tuple[Image.Image, str]:
     """Mirror the image and swap "left"/"right" in its caption, so the pair still agrees."""
-    return ImageOps.mirror(image), _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+    return ImageOps.mirror(image), swap_left_right(caption)

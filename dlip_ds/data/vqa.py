@@ -17,21 +17,15 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from PIL import Image
 
 from dlip_ds.config import ConfigError, DataConfig, VisionConfig
 from dlip_ds.data.qa import answer_weights, clean_question, load_json, vqa_fields
 from dlip_ds.data.sample import BadSample, SkipCounter, decode_image, image_id_of
 from dlip_ds.data.shards import expand_shards, is_remote
 from dlip_ds.data.stream import PrivateRNG, epoch_loader, source_list, train_loader
-from dlip_ds.data.transforms import hflip_pair
+from dlip_ds.data.transforms import hflip_pair, swap_left_right
 
 ANSWER_LIST = "answer_list.json"
-_ONE_PIXEL = Image.new("RGB", (1, 1))  # hflip_pair swaps left/right in a text only together with an image
-
-
-def _swap_sides(text: str) -> str:
-    return hflip_pair(_ONE_PIXEL, text)[1]
 
 
 class ToVQAExamples:
@@ -70,7 +64,7 @@ class ToVQAExamples:
                     img = image
                     if random.random() < 0.5:
                         img, question = hflip_pair(image, question)
-                        gt = [_swap_sides(a) for a in gt]
+                        gt = [swap_left_right(a) for a in gt]
                     pixels = self.transform(img)
             answers, weights = answer_weights(gt, q.get("dataset", "vqa"))
             # question_id: an integer id as is, any other (VG's strings) as a stable crc32, like image ids
