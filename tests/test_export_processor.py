@@ -128,6 +128,7 @@ def test_without_tokenizer_only_the_image_processor_with_a_warning(tmp_path, tok
     big = build_tiny_model(text={"vocab_size": len(tokenizer) - 1})
     with pytest.raises(ConfigError, match="more than the model's text.vocab_size"):
         export_hf_blip(big, tmp_path / "big", tokenizer)
+    assert not (tmp_path / "big").exists()  # refused before anything is written
 
 
 def test_cli_writes_the_processor(tmp_path, tokenizer, capsys):

@@ -16,7 +16,7 @@ from dlip_ds.models.keymaps import (
     prefixed,
     sub,
 )
-from dlip_ds.models.processor import write_processor
+from dlip_ds.models.processor import tokenizer_ids, write_processor
 from dlip_ds.models.vlp import VLPModel
 from dlip_ds.models.vqa import decoder_stack_state, is_vqa
 from dlip_ds.models.weights import load_state_strict, read_hf_weights
@@ -138,6 +138,8 @@ def export_hf_blip(model: VLPModel, out_dir: str | Path, tokenizer=None, task: s
                     "text_decoder.cls.predictions.transform.LayerNorm.bias": state["lm_head.norm.bias"],
                     "text_decoder.cls.predictions.bias": state["lm_head.bias"]})
         arch = "BlipForQuestionAnswering" if task == "vqa" else "BlipForConditionalGeneration"
+    if tokenizer is not None:
+        tokenizer_ids(model.cfg, tokenizer)  # a tokenizer that does not fit is refused before anything is written
     dst = Path(out_dir)
     dst.mkdir(parents=True, exist_ok=True)
     _hf_config(model, arch).save_pretrained(str(dst))

@@ -64,15 +64,20 @@ def write_processor(cfg: ModelConfig, out_dir: str | Path, tokenizer=None, task:
         return
     from transformers import BlipProcessor
 
-    ids = _token_ids(cfg, tokenizer)
+    ids = tokenizer_ids(cfg, tokenizer)
+    for key, value in ids.items():
+        if value != getattr(cfg.text, key):
+            log.info("export: text_config.%s = %d from the tokenizer (the model config says %d)", key, value,
+                     getattr(cfg.text, key))
     if task == "vqa":
         tokenizer = _enc_first(tokenizer)
     BlipProcessor(image_processor, tokenizer).save_pretrained(str(dst))
     _set_text_token_ids(dst / "config.json", ids)
 
 
-def _token_ids(cfg: ModelConfig, tokenizer) -> dict:
-    """The tokenizer's special ids (those it has), refused when they or its vocabulary exceed the model's."""
+def tokenizer_ids(cfg: ModelConfig, tokenizer) -> dict:
+    """The tokenizer's special ids (those it has), refused (ConfigError) when they or its vocabulary exceed
+    the model's: the exporter checks this before it writes anything."""
     t = cfg.text
     if len(tokenizer) > t.vocab_size:
         raise ConfigError(f"tokenizer: {len(tokenizer)} tokens, more than the model's text.vocab_size={t.vocab_size}; "
@@ -85,9 +90,6 @@ def _token_ids(cfg: ModelConfig, tokenizer) -> dict:
         if not 0 <= int(value) < t.vocab_size:
             raise ConfigError(f"tokenizer: its {name} id {value} is outside the model's vocabulary of {t.vocab_size}")
         ids[key] = int(value)
-        if int(value) != getattr(t, key):
-            log.info("export: text_config.%s = %d from the tokenizer (the model config says %d)", key, value,
-                     getattr(t, key))
     return ids
 
 
