@@ -170,3 +170,14 @@ def make_engine_assets(root, *, train: int):
     torch.manual_seed(0)
     save_model(load_model("test-tiny", text={"vocab_size": len(tokenizer)}), root / "teacher", tokenizer)
     return root
+
+
+def perturbed(module, seed: int, scale: float = 0.1):
+    """Random weights everywhere (LayerNorm gains and biases included), so nothing passes by symmetry."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import salesforce_vision_key
+from helpers import perturbed, salesforce_vision_key
 from safetensors.torch import load_file, save_file
 
 import dlip_ds
@@ -44,15 +44,6 @@ def hf_config(size: str):
         vision_config={**s["vision"], "initializer_range": 0.02},
         text_config={**s["text"], "bos_token_id": vocab - 2, "sep_token_id": 2, "pad_token_id": 0},
         image_text_hidden_size=s["proj"])
-
-
-def perturbed(model, seed: int):
-    """Random weights everywhere (LayerNorm gains and biases included), so nothing passes by symmetry."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def inputs(size: str, b: int = 3, n: int = 9, seed: int = 0):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import perturbed
 
 import dlip_ds
 from dlip_ds.config import ConfigError
@@ -45,15 +46,6 @@ def hf_config(size: str):
         text_config={**s["text"], "encoder_hidden_size": width, "bos_token_id": vocab - 2, "sep_token_id": SEP,
                      "pad_token_id": 0},
         image_text_hidden_size=16)
-
-
-def perturbed(model, seed: int):
-    """Random weights everywhere (LayerNorm gains and biases included), so nothing passes by symmetry."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

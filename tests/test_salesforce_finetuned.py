@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import salesforce_vision_key
+from helpers import perturbed, salesforce_vision_key
 
 import dlip_ds
 from dlip_ds.config import ConfigError
@@ -32,15 +32,6 @@ def blip_config(vision_width: int) -> transformers.BlipConfig:
         vision_config={"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "num_hidden_layers": 2,
                        "num_attention_heads": 2, "image_size": 32, "patch_size": 16, "layer_norm_eps": 1e-6},
         text_config=text_config(vision_width), image_text_hidden_size=16)
-
-
-def perturbed(module, seed: int):
-    """Random weights everywhere (LayerNorm gains and biases included), so nothing passes by symmetry."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return module.eval()
 
 
 def save_pth(tmp_path, name: str, state: dict, vision_width: int):
@@ -78,8 +69,8 @@ def renamed(module, prefix_from: str = "", prefix_to: str = "") -> dict:
 def test_retrieval_checkpoint(tmp_path):
     """blip_retrieval.py: encoders, ITC/ITM heads, momentum copies, temp and the queues (idx_queue included)."""
     torch.manual_seed(0)
-    ret = perturbed(transformers.BlipForImageTextRetrieval(blip_config(48)), 1)
-    mom = perturbed(transformers.BlipForImageTextRetrieval(blip_config(48)), 2)
+    ret = perturbed(transformers.BlipForImageTextRetrieval(blip_config(48)), 1, scale=0.2)
+    mom = perturbed(transformers.BlipForImageTextRetrieval(blip_config(48)), 2, scale=0.2)
     state = renamed(ret)
     for k, v in renamed(mom).items():
         if k.startswith(("visual_encoder.", "text_encoder.")):
@@ -108,7 +99,7 @@ def test_retrieval_checkpoint(tmp_path):
 def test_captioning_checkpoint(tmp_path, caplog):
     """blip.py BLIP_Decoder: visual_encoder + text_decoder only -> vision and a decoder of its own."""
     torch.manual_seed(0)
-    cap = perturbed(transformers.BlipForConditionalGeneration(blip_config(48)), 3)
+    cap = perturbed(transformers.BlipForConditionalGeneration(blip_config(48)), 3, scale=0.2)
     ours = load(save_pth(tmp_path, "model_base_caption_capfilt_large.pth", renamed(cap), 48))
     assert ours.cfg.decoder.enabled and not ours.cfg.decoder.share and ours.cfg.decoder.context == "image"
     assert "no weights for itc." in caplog.text and "keep their initialisation" in caplog.text  # heads, text encoder
@@ -135,7 +126,7 @@ def blip_vqa(vision_width: int):
     decoder_config = transformers.BlipTextConfig(**text_config(TEXT_W))
     vqa.text_decoder = transformers.models.blip.modeling_blip_text.BlipTextLMHeadModel(decoder_config)
     vqa.text_decoder.tie_weights()
-    return perturbed(vqa, 4)
+    return perturbed(vqa, 4, scale=0.2)
 
 
 @pytest.mark.parametrize("vision_width", [32, 48])  # 32: the widths alone cannot tell the decoders apart
@@ -174,7 +165,7 @@ def test_vqa_checkpoint(tmp_path, vision_width):
 
 
 def test_unknown_layouts_are_refused_naming_file_and_keys(tmp_path):
-    ret = renamed(perturbed(transformers.BlipForImageTextRetrieval(blip_config(32)), 5))
+    ret = renamed(perturbed(transformers.BlipForImageTextRetrieval(blip_config(32)), 5, scale=0.2))
     nlvr = {k: v for k, v in ret.items() if not k.startswith(("vision_proj", "text_proj", "itm_head"))}
     nlvr["cls_head.0.weight"] = torch.zeros(2, 32)  # blip_nlvr.py
     with pytest.raises(ConfigError, match=r"model_nlvr\.pth: not a Salesforce BLIP.*cls_head unknown"):

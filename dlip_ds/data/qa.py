@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from dlip_ds.config import ConfigError
-from dlip_ds.data.sample import IMAGE_EXTS, BadSample, decode_text
+from dlip_ds.data.sample import BadSample, image_ext, sample_json
 
 ANSWER_TYPES = ("yes/no", "number", "other")
 # The 65 question types of VQAv2 (mscoco_question_types.txt of the VQA API), used as prefixes.
@@ -112,17 +112,10 @@ def parse_qa(value) -> tuple[list[dict], int]:
 
 def vqa_fields(sample: dict) -> tuple[str, list[dict], int, dict]:
     """A webdataset VQA sample -> (image extension, usable questions, malformed questions, json meta)."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise BadSample("missing_image", f"keys {sorted(k for k in sample if not k.startswith('__'))}")
+    ext = image_ext(sample)
     if "json" not in sample:
         raise BadSample("missing_qa", "no json part")
-    try:
-        meta = json.loads(decode_text(sample["json"]))
-    except json.JSONDecodeError as e:
-        raise BadSample("bad_json", str(e)) from None
-    if not isinstance(meta, dict):
-        raise BadSample("bad_json", "not an object")
+    meta = sample_json(sample)
     qa, bad = parse_qa(meta.get("qa"))
     return ext, qa, bad, meta
 

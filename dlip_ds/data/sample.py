@@ -78,22 +78,33 @@ def parse_captions(value) -> list[str]:
     return [c for c in items if isinstance(c, str) and c.strip()]
 
 
-def sample_fields(sample: dict) -> tuple[str, list[str], dict]:
-    """A webdataset sample (raw bytes per extension) -> (image extension, captions, json meta).
-    Captions come from json "captions"/"caption", else from txt. BadSample when a part is missing."""
+def image_ext(sample: dict) -> str:
+    """The extension under which a webdataset sample holds its image; BadSample when it has none."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise BadSample("missing_image", f"keys {sorted(k for k in sample if not k.startswith('__'))}")
-    meta: dict = {}
-    captions: list[str] = []
-    if "json" in sample:
-        try:
-            meta = json.loads(decode_text(sample["json"]))
-        except json.JSONDecodeError as e:
-            raise BadSample("bad_json", str(e)) from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", "not an object")
-        captions = parse_captions(meta.get("captions", meta.get("caption")))
+    return ext
+
+
+def sample_json(sample: dict) -> dict:
+    """The sample's json part as an object ({} when it has none); BadSample when it does not parse."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(decode_text(sample["json"]))
+    except json.JSONDecodeError as e:
+        raise BadSample("bad_json", str(e)) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", "not an object")
+    return meta
+
+
+def sample_fields(sample: dict) -> tuple[str, list[str], dict]:
+    """A webdataset sample (raw bytes per extension) -> (image extension, captions, json meta).
+    Captions come from json "captions"/"caption", else from txt. BadSample when a part is missing."""
+    ext = image_ext(sample)
+    meta = sample_json(sample)
+    captions = parse_captions(meta.get("captions", meta.get("caption")))
     if not captions and "txt" in sample:
         captions = parse_captions(decode_text(sample["txt"]))
     if not captions:
