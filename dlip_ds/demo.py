@@ -49,7 +49,7 @@ class Scale:
     eval_k: int  # ITM re-ranks this many candidates per query
     profile_repeats: int
     profile_caption_len: int = 20  # tokens per profiled caption (BLIP's max_length)
-    task_steps: int = 400  # each fine-tuning run of `demo --task`
+    task_steps: int = 1500  # each fine-tuning run of `demo --task` (200 steps left VQA students at answer priors)
 
 
 SCALES = {
@@ -57,7 +57,7 @@ SCALES = {
     "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=3000, student_steps=3000, batch_size=32,
                   warmup_steps=150, log_every=50, eval_k=16, profile_repeats=10),
     "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
-                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=10, task_steps=200),
+                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=10, task_steps=600),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,
                 warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8, task_steps=3),

@@ -66,9 +66,9 @@ def test_task_fine_tunes_without_and_with_a_teacher(assets, tmp_path, task):
 
     # distillation from the fine-tuned teacher: the task's own loss plus every KD term of the recipe
     log = _train(assets, f"demo-{task}-distill", tmp_path / "student", f"teacher.source={teacher_run / 'student'}")
-    kd = {"retrieval": {"kd_repr_vision", "kd_repr_text", "kd_repr_fusion", "kd_logit_itc", "kd_logit_itm"},
-          "captioning": {"kd_repr_vision", "kd_repr_decoder", "kd_logit_lm"},
-          "vqa": {"kd_repr_vision", "kd_repr_fusion", "kd_repr_decoder", "kd_logit_lm"}}[task]
+    kd = {"retrieval": {"kd_repr_text", "kd_repr_fusion", "kd_logit_itc", "kd_logit_itm"},
+          "captioning": {"kd_repr_decoder", "kd_logit_lm"},
+          "vqa": {"kd_repr_fusion", "kd_repr_decoder", "kd_logit_lm"}}[task]
     steps = _losses(log)
     assert len(steps) == 3 and all(set(s) - {"total"} == own | kd for s in steps), log[-2000:]
     assert all(math.isfinite(v) for s in steps for v in s.values())
