@@ -17,6 +17,7 @@ from dlip_ds.studies.report import (
     finding_rows,
     judge,
     summarise,
+    variant_rows,
     verdict,
 )
 
@@ -181,3 +182,11 @@ def test_findings_table_from_given_numbers():
             "vision-half 41.20 vs text-half 40.80 (≈)", "yes"] in rows
     text = verdict({"findings": list(found.values())})
     assert "reproduced in 3 of 6" in text and "a large fusion module is unnecessary (mean recall: NOT reproduced" in text
+
+
+def test_variant_table_gives_mean_and_spread_over_seeds():
+    study = plan.study("decoder")
+    variants = summarise(study, _runs(**{"distilled": [(40.0, 90.0), (41.0, 92.0)], "not-distilled": [(39.0, 80.0)]}))
+    rows = variant_rows({"variants": variants})
+    assert rows[1][:5] == ["distilled", study.variants[0].label, "1K", "40.50 ± 0.71", "91.00 ± 1.41"]
+    assert rows[2][3:5] == ["39.00", "80.00"]  # one seed: no spread

@@ -146,7 +146,7 @@ def run_study(name: str, out: str | Path, scale_name: str = "full", seeds: int =
         "recipe": plan.RECIPE, "teacher": str(teacher), "teacher_params": _params(teacher),
         "eval": {"images": results[study.variants[0].name][0]["images"], "k": scale.eval_k},
         "variants": variants, "findings": report.judge(study, variants), "costs": report.costs(study, variants),
-        "machine": machine(), "out": str(out),
+        "machine": machine(), "out": str(out), "stages": stage.times,  # the teacher's, when this call trained it
     }
     rep["elapsed_s"] = time.perf_counter() - start
     (home / "study.json").write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
