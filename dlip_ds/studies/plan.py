@@ -101,7 +101,7 @@ def _modules() -> Study:
         student="demo-student widths (64), vision 4 layers, text 4 layers, 2 ALBEF-style fusion layers",
         common=common,
         variants=(
-            Variant("reference", "V4 T4 F2"),
+            Variant("reference", "vision 4, text 4, fusion 2 layers"),
             Variant("vision-half", "vision 4 -> 2 layers", (("student.vision.depth", "2"),)),
             Variant("text-half", "text 4 -> 2 layers", (("student.text.depth", "2"),)),
             Variant("fusion-1", "fusion 2 -> 1 layer", (("student.fusion.layers", "1"),)),
@@ -144,7 +144,7 @@ def _information() -> Study:
             Variant("logits-only", "no feature terms", (kd(*LOGIT_TERMS),)),
             Variant("repr", "representations of all 4 modules", (kd(*reprs, *LOGIT_TERMS),)),
             Variant("attn", "attention of all 4 modules", (kd(*attns, *LOGIT_TERMS),)),
-            Variant("repr+attn", "both", (kd(*reprs, *attns, *LOGIT_TERMS),)),
+            Variant("repr+attn", "representations and attention of all 4", (kd(*reprs, *attns, *LOGIT_TERMS),)),
             Variant("unimodal", "representations of vision, text", (kd(*reprs[:2], *LOGIT_TERMS),)),
             Variant("multimodal", "representations of fusion, decoder", (kd(*reprs[2:], *LOGIT_TERMS),)),
         ),
