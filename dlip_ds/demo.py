@@ -2,20 +2,22 @@
 
 Renders synthetic shards, pretrains a small teacher, distils a student with at most a quarter of
 its parameters, trains the same student without a teacher as the baseline, evaluates the three on
-held-out pairs (retrieval with ITM re-ranking, captioning), profiles them (timed interleaved) and reports. Every stage
-is the real one: `dlip-ds train` (DeepSpeed, in a subprocess, as a launcher would start it),
-`dlip-ds evaluate`, `dlip-ds export` and `dlip_ds.profile`. Running the same command again
-continues where it stopped (the runs resume from their checkpoints). With `--seeds N` the teacher,
-student and baseline are trained N times (training seeds 42, 43, ...) on the same data; the report
-gives each number's mean and spread over seeds and the verdict uses the means. This module holds the
-stages and one seed's pipeline (`run_seed`); `dlip_ds.demo_cli` the command and the report.
+held-out pairs (retrieval with ITM re-ranking, captioning), profiles them (timed together, interleaved)
+and reports. Every stage is the real one: `dlip-ds train` (DeepSpeed, in a subprocess, as a launcher
+would start it), `dlip-ds evaluate`, `dlip-ds export` and `dlip_ds.profile`. Running the same command
+again continues where it stopped (the runs resume from their checkpoints; finished seeds are reused).
+With `--seeds N` the teacher, student and baseline are trained N times (training seeds 42, 43, ...) on
+the same data; the report gives each number's mean and spread over seeds, and the verdict uses the
+means. This module holds the stages and one seed's pipeline (`run_seed`); `dlip_ds.demo_cli` the
+command and the report.
 
-OUT/ data/ (shards, tokenizer, shared by the seeds)
+OUT/ data/                    the shards and tokenizer, shared by every seed
      runs/<name>/ (config, checkpoints, tensorboard, student)  eval/<name>/ (metrics.json, captions.json)
-     student/ (the exported student)  logs/  seed_report.json      <- seed 0: the single-seed layout,
-     seed-<i>/ runs/ eval/ student/ logs/ seed_report.json          <- seeds 1..N-1   so that an earlier
-     report.json  report.md  loss_curves.png  quality_vs_params.png    run, `demo --task` and `dlip-ds
-                                                                       study` find seed 0 where they did
+     student/ (the exported student)  logs/  seed_report.json
+                              seed 0, in the single-seed layout: an earlier `dlip-ds demo`,
+                              `demo --task` and `dlip-ds study` find it where they did
+     seed-<i>/ runs/ eval/ student/ logs/ seed_report.json       seeds 1 .. N-1
+     report.json  report.md  loss_curves.png  quality_vs_params.png   all seeds together
 """
 
 from __future__ import annotations
@@ -324,10 +326,34 @@ def pretrain_models(out: Path, scale: Scale, stage: Stages, models: tuple[str, .
     return data, runs
 
 
+def finished_seed(out: Path, scale: Scale, seed: int) -> dict | None:
+    """The seed's report when an earlier call wrote it after the three runs finished (so that a second
+    `--seeds N` call measures only the seeds still missing); None otherwise."""
+    from dlip_ds.engine.checkpoint import LATEST, tag_for
+
+    path = seed_dir(out, seed) / "seed_report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    for m in MODELS:
+        run = seed_dir(out, seed) / "runs" / m
+        latest, student = run / "checkpoints" / LATEST, run / "student" / "config.json"
+        steps = scale.teacher_steps if m == "teacher" else scale.student_steps
+        if not (latest.is_file() and latest.read_text().strip() == tag_for(steps) and student.is_file()
+                and student.stat().st_mtime < path.stat().st_mtime and "cpu_stats_ms" in report.get(m, {})):
+            return None
+    return report
+
+
 def run_seed(out: Path, scale: Scale, seed: int, stage: Stages) -> dict:
     """One seed of the demo: the three trained (or resumed), the student exported, the three evaluated
-    and profiled together. Returns the seed's report, also written as <seed dir>/seed_report.json."""
+    and profiled together. Returns the seed's report, also written as <seed dir>/seed_report.json; a
+    seed finished by an earlier call is not measured again (delete its seed_report.json to measure it anew)."""
     home, prefix = seed_dir(out, seed), "" if seed == 0 else f"seed-{seed}/"
+    report = finished_seed(out, scale, seed)
+    if report is not None:
+        _log(f"seed {seed}: reusing {home / 'seed_report.json'} (its three runs are finished)")
+        return report
     data, runs = pretrain_models(out, scale, stage, seed=seed)
     with stage(prefix + "export"):
         _log(f"student: exporting to {home / 'student'}")
@@ -340,7 +366,7 @@ def run_seed(out: Path, scale: Scale, seed: int, stage: Stages) -> dict:
     with stage(prefix + "profile"):
         _log(f"profiling the three (params, FLOPs, CPU latency: {scale.profile_repeats} interleaved rounds)")
         profiles = profile_runs(runs, scale)
-    report: dict = {m: summarise(metrics[m], profiles[m]) for m in MODELS}
+    report = {m: summarise(metrics[m], profiles[m]) for m in MODELS}
     share = _share(report["student"]["params"], report["teacher"]["params"])
     if share > MAX_STUDENT_SHARE:
         raise DemoError(f"the student has {100 * share:.1f}% of the teacher's parameters, more than "

@@ -25,6 +25,7 @@ from dlip_ds.demo import (
     HEADLINE,
     MODELS,
     PROFILE_THREADS,
+    PROFILED,
     SCALES,
     SEED0,
     TARGET_SHARE,
@@ -76,7 +77,8 @@ def aggregate(seed_reports: list[dict]) -> dict:
     for m in MODELS:
         entries = [r[m] for r in seed_reports]
         report[m] = {key: _mean([e[key] for e in entries]) for key in HEADLINE}
-        report[m]["params"] = round(report[m]["params"])  # one architecture: the same count in every seed
+        for key in ("params", "flops"):  # one architecture: the same counts in every seed
+            report[m][key] = round(report[m][key])
         for detail in DETAILS:
             report[m][detail] = {k: _mean([e[detail][k] for e in entries]) for k in entries[0][detail]}
         report[m]["spread"] = {key: _spread([e[key] for e in entries]) for key in HEADLINE}
@@ -108,7 +110,7 @@ def demo(out: str | Path, scale_name: str = "full", seeds: int = 1) -> dict:
     report.update({
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "scale_name": scale_name, "scale": asdict(scale), "machine": machine(), "out": str(out),
-        "latency_method": {"path": "itm", "rounds": scale.profile_repeats, "warmup": scale.profile_warmup,
+        "latency_method": {"path": PROFILED, "rounds": scale.profile_repeats, "warmup": scale.profile_warmup,
                            "torch_threads": PROFILE_THREADS, "interleaved": True},
         "stages": stage.times,
     })
@@ -185,7 +187,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         for k, m in enumerate(MODELS):
             x, y = report[m]["params"] / 1e6, report[m][key]
             ax.errorbar(x, y, yerr=report[m]["spread"][key]["std"], fmt="o", ms=8, capsize=4, color=f"C{k}")
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 6))
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, -14 if m == "baseline" else 6))  # apart
         ax.axhline(TARGET_SHARE * report["teacher"][key], ls="--", color="grey",
                    label=f"{100 * TARGET_SHARE:.0f}% of the teacher")
         ax.set(xlabel="parameters (M)", ylabel=label, title=f"{label} against parameters"

@@ -3,9 +3,10 @@
 
 Latency method (`profile_models`): per task, every model is warmed up, then timed once per round over
 `repeats` rounds, the models interleaved within each round and their order rotated from round to round,
-with the garbage collector paused; each model's median over rounds is its latency, and the quartiles and
-min/max over rounds its spread (`latency_stats_ms`). Interleaving puts load from elsewhere on the machine
-on every model alike, so that two models of one architecture measure alike and ratios hold. Each call's
+each timed call right after an untimed one of the same model, with the garbage collector paused; each
+model's median over rounds is its latency, and the quartiles and min/max over rounds its spread
+(`latency_stats_ms`). Interleaving puts load from elsewhere on the machine on every model alike, so that
+two models of one architecture measure alike and ratios hold. Each call's
 CPU time on the calling thread is taken too (`cpu_ms`, `cpu_stats_ms`): at one torch thread on a CPU it
 is what the call costs an idle core, which holds where other jobs preempt the run and wall times do not
 (measured in benchmarks/demo_latency.py).
@@ -141,9 +142,11 @@ def profile_models(models: list, *, batch_size: int = 1, text_len: int = 35, cap
 
 
 def _interleaved(fns: list, rounds: int, device) -> list[tuple[list[float], list[float]]]:
-    """(wall ms, CPU ms) per call of each fn, one call each per round; round r starts at fn r (mod n), so
-    that no fn always follows the same one (whose caches and allocations it would inherit). GC paused: a
-    collection would land on whichever call triggered it."""
+    """(wall ms, CPU ms) per call of each fn, one timed call each per round; round r starts at fn r (mod
+    n). Each timed call follows an untimed call of the same fn: it finds its own weights in the caches, as
+    back-to-back requests would, not the previous model's (measured: without it, the model timed after a
+    larger one more often than its twin came out 3% slower). GC paused: a collection would land on
+    whichever call triggered it."""
     times: list[tuple[list[float], list[float]]] = [([], []) for _ in fns]
     enabled = gc.isenabled()
     gc.collect()
@@ -152,6 +155,7 @@ def _interleaved(fns: list, rounds: int, device) -> list[tuple[list[float], list
         for r in range(rounds):
             for k in range(len(fns)):
                 i = (r + k) % len(fns)
+                fns[i]()
                 wall, cpu = _timed(fns[i], device)
                 times[i][0].append(wall)
                 times[i][1].append(cpu)

@@ -243,14 +243,41 @@ def test_demo_refuses_bad_seeds(tmp_path, capsys, argv, message):
 
 
 def test_interleaved_rounds_rotate_the_order_and_report_the_spread():
-    """`profile_models`' timing: one call per model per round, round r starting at model r, and the
-    median, quartiles and range of each model's rounds."""
+    """`profile_models`' timing: one timed call per model per round after an untimed one, round r
+    starting at model r, and the median, quartiles and range of each model's rounds."""
     from dlip_ds.profile import _interleaved, latency_stats
 
     order: list[int] = []
     times = _interleaved([lambda i=i: order.append(i) for i in range(3)], 4, "cpu")
-    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    assert order == [i for i in (0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2) for _ in range(2)]
     assert [len(wall) for wall, _ in times] == [4, 4, 4] and [len(cpu) for _, cpu in times] == [4, 4, 4]
     stats = latency_stats([5.0, 1.0, 3.0, 2.0, 100.0])
     assert stats == {"median": 3.0, "q1": 2.0, "q3": 5.0, "min": 1.0, "max": 100.0, "rounds": 5}
     assert latency_stats([2.5]) == {"median": 2.5, "q1": 2.5, "q3": 2.5, "min": 2.5, "max": 2.5, "rounds": 1}
+
+
+def test_a_finished_seed_is_reused_until_a_run_changes(tmp_path):
+    """A second `--seeds N` call skips the seeds whose report was written after their three runs
+    finished; a run exported again since (or not finished) means measuring that seed anew."""
+    import os
+
+    from dlip_ds.demo import SCALES, finished_seed, seed_dir
+    from dlip_ds.engine.checkpoint import LATEST, tag_for
+
+    scale, home = SCALES["ci"], seed_dir(tmp_path, 1)
+    for m in MODELS:
+        run = home / "runs" / m
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "student").mkdir()
+        (run / "checkpoints" / LATEST).write_text(tag_for(scale.teacher_steps if m == "teacher" else scale.student_steps))
+        (run / "student" / "config.json").write_text("{}")
+        os.utime(run / "student" / "config.json", (1000, 1000))
+    report = {m: {"cpu_stats_ms": {}} for m in MODELS}
+    (home / "seed_report.json").write_text(json.dumps(report))
+    assert finished_seed(tmp_path, scale, 1) == report
+    assert finished_seed(tmp_path, scale, 0) is None  # seed 0 (OUT itself) has no report
+    (home / "runs" / "baseline" / "student" / "config.json").touch()  # exported after the report
+    assert finished_seed(tmp_path, scale, 1) is None
+    os.utime(home / "runs" / "baseline" / "student" / "config.json", (1000, 1000))
+    (home / "runs" / "student" / "checkpoints" / LATEST).write_text(tag_for(1))  # stopped early
+    assert finished_seed(tmp_path, scale, 1) is None
