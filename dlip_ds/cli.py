@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "export": ("dlip_ds.models.export", "export a run or model (dlip format or transformers BLIP)"),
     "profile": ("dlip_ds.profile", "parameters, FLOPs and latency of models"),
     "demo": ("dlip_ds.demo_cli", "the embedded default: synth, pretrain, distil, evaluate, profile (--task: fine-tune)"),
+    "study": ("dlip_ds.studies", "the paper's findings as studies on the demo: modules, decoder, information, init"),
 }
 
 

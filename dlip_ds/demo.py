@@ -1,21 +1,28 @@
-"""`dlip-ds demo [--quick] [--out DIR]`: the embedded default, end to end, on a fresh machine.
+"""`dlip-ds demo [--quick] [--seeds N] [--out DIR]`: the embedded default, end to end, on a fresh machine.
 
 Renders synthetic shards, pretrains a small teacher, distils a student with at most a quarter of
 its parameters, trains the same student without a teacher as the baseline, evaluates the three on
-held-out pairs (retrieval with ITM re-ranking, captioning), profiles them and reports. Every stage
-is the real one: `dlip-ds train` (DeepSpeed, in a subprocess, as a launcher would start it),
-`dlip-ds evaluate`, `dlip-ds export` and `dlip_ds.profile`. Running the same command again
-continues where it stopped (the runs resume from their checkpoints).
+held-out pairs (retrieval with ITM re-ranking, captioning), profiles them (timed together, interleaved)
+and reports. Every stage is the real one: `dlip-ds train` (DeepSpeed, in a subprocess, as a launcher
+would start it), `dlip-ds evaluate`, `dlip-ds export` and `dlip_ds.profile`. Running the same command
+again continues where it stopped (the runs resume from their checkpoints; finished seeds are reused).
+With `--seeds N` the teacher, student and baseline are trained N times (training seeds 42, 43, ...) on
+the same data; the report gives each number's mean and spread over seeds, and the verdict uses the
+means. This module holds the stages and one seed's pipeline (`run_seed`); `dlip_ds.demo_cli` the
+command and the report.
 
-OUT/ data/ (shards, tokenizer)  runs/<name>/ (config, checkpoints, tensorboard, student)
-     eval/<name>/ (metrics.json, captions.json)  student/ (the exported student)  logs/
-     report.json  report.md  loss_curves.png  quality_vs_params.png
+OUT/ data/                    the shards and tokenizer, shared by every seed
+     runs/<name>/ (config, checkpoints, tensorboard, student)  eval/<name>/ (metrics.json, captions.json)
+     student/ (the exported student)  logs/  seed_report.json
+                              seed 0, in the single-seed layout: an earlier `dlip-ds demo`,
+                              `demo --task` and `dlip-ds study` find it where they did
+     seed-<i>/ runs/ eval/ student/ logs/ seed_report.json       seeds 1 .. N-1
+     report.json  report.md  loss_curves.png  quality_vs_params.png   all seeds together
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -33,6 +40,8 @@ MODELS = ("teacher", "student", "baseline")
 RECIPES = {"teacher": "demo-pretrain-teacher", "student": "demo-distill", "baseline": "demo-baseline"}
 MAX_STUDENT_SHARE = 0.25  # the student has at most a quarter of the teacher's parameters
 TARGET_SHARE = 0.95  # the paper's claim: the student keeps >= 95% of the teacher's quality
+SEED0 = 42  # TrainConfig's default: seed i of the demo trains with SEED0 + i (seed 0 sets nothing)
+PROFILE_THREADS = 1  # latency at one torch thread: on a shared CPU, more threads wait for each other
 
 
 @dataclass(frozen=True)
@@ -47,20 +56,22 @@ class Scale:
     warmup_steps: int
     log_every: int
     eval_k: int  # ITM re-ranks this many candidates per query
-    profile_repeats: int
+    profile_repeats: int  # timed rounds per task, the three models interleaved in each
     profile_caption_len: int = 20  # tokens per profiled caption (BLIP's max_length)
     task_steps: int = 1500  # each fine-tuning run of `demo --task` (200 steps left VQA students at answer priors)
+    profile_warmup: int = 3  # untimed calls per model and task before the rounds
 
 
 SCALES = {
     # Measured on a shared 2-core CPU: full 27 minutes, quick 8.5 (report.json records every stage).
     "full": Scale(train_pairs=10000, test_pairs=300, teacher_steps=3000, student_steps=3000, batch_size=32,
-                  warmup_steps=150, log_every=50, eval_k=16, profile_repeats=10),
+                  warmup_steps=150, log_every=50, eval_k=16, profile_repeats=30),
     "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=1000, student_steps=800, batch_size=32,
-                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=10, task_steps=600),
+                   warmup_steps=50, log_every=25, eval_k=16, profile_repeats=30, task_steps=600),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,
-                warmup_steps=1, log_every=1, eval_k=8, profile_repeats=1, profile_caption_len=8, task_steps=3),
+                warmup_steps=1, log_every=1, eval_k=8, profile_repeats=3, profile_caption_len=8, task_steps=3,
+                profile_warmup=1),
 }
 
 
@@ -149,12 +160,30 @@ def evaluate_run(name: str, run_dir: Path, out: Path, data: Path, scale: Scale, 
     return json.loads((eval_dir / "metrics.json").read_text())
 
 
-def profile_run(run_dir: Path, scale: Scale) -> dict:
-    from dlip_ds.engine.checkpoint import load_run_student
-    from dlip_ds.profile import profile_model
+def profile_three(models: list, scale: Scale) -> list[dict]:
+    """`profile_models` of the teacher, student and baseline together (their timed calls interleaved
+    round by round, so that load from other jobs falls on all three alike), at PROFILE_THREADS torch
+    threads; with the load average before and after, which says how quiet the machine was."""
+    import torch
 
-    model, _ = load_run_student(run_dir)
-    return profile_model(model, repeats=scale.profile_repeats, caption_len=scale.profile_caption_len)
+    from dlip_ds.profile import profile_models
+
+    threads, load = torch.get_num_threads(), os.getloadavg()[0]
+    torch.set_num_threads(PROFILE_THREADS)
+    try:
+        results = profile_models(models, repeats=scale.profile_repeats, warmup=scale.profile_warmup,
+                                 caption_len=scale.profile_caption_len)
+    finally:
+        torch.set_num_threads(threads)
+    for r in results:
+        r["load_average"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return results
+
+
+def profile_runs(runs: dict[str, Path], scale: Scale) -> dict[str, dict]:
+    from dlip_ds.engine.checkpoint import load_run_student
+
+    return dict(zip(MODELS, profile_three([load_run_student(runs[m])[0] for m in MODELS], scale)))
 
 
 def loss_curves(run_dir: Path, tag: str = "loss/total") -> tuple[list[int], list[float]]:
@@ -169,21 +198,29 @@ def loss_curves(run_dir: Path, tag: str = "loss/total") -> tuple[list[int], list
     return [e.step for e in events], [e.value for e in events]
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- one seed's report
+
+PROFILED = "itm"  # the headline FLOPs and latency: one image-text pair through vision and fusion (ITM)
+HEADLINE = ("params", "flops", "latency_ms", "cpu_ms", "mean_recall", "cider")
 
 
 def summarise(metrics: dict, profile: dict) -> dict:
-    """The report's entry for one model (the five headline numbers, then the details)."""
+    """The report's entry for one model (the headline numbers, then the details)."""
     return {
         "params": profile["params"]["total"],
-        "flops": profile["flops"]["itm"],  # one image-text pair through vision and fusion (ITM re-ranking)
-        "latency_ms": profile["latency_ms"]["itm"],
+        "flops": profile["flops"][PROFILED],
+        "latency_ms": profile["latency_ms"][PROFILED],  # median wall time over the interleaved rounds
+        "cpu_ms": profile["cpu_ms"][PROFILED],  # median CPU time per call (one thread: what it costs a core)
         "mean_recall": metrics["retrieval"]["r_mean"],
         "cider": metrics.get("captioning", {}).get("cider", float("nan")),
+        "latency_stats_ms": profile["latency_stats_ms"][PROFILED],  # spread over the rounds
+        "cpu_stats_ms": profile["cpu_stats_ms"][PROFILED],
         "retrieval": metrics["retrieval"],
         "captioning": metrics.get("captioning", {}),
         "flops_by_task": profile["flops"],
         "latency_ms_by_task": profile["latency_ms"],
+        "cpu_ms_by_task": profile["cpu_ms"],
+        "profile_load_average": profile.get("load_average"),
     }
 
 
@@ -197,11 +234,16 @@ def compare(report: dict) -> dict:
         "params": _share(s["params"], t["params"]),
         "flops": _share(s["flops"], t["flops"]),
         "speedup": _share(t["latency_ms"], s["latency_ms"]),
+        "speedup_cpu": _share(t["cpu_ms"], s["cpu_ms"]),
         "mean_recall": _share(s["mean_recall"], t["mean_recall"]),
         "cider": _share(s["cider"], t["cider"]),
         "keeps_95pct_of_teacher_recall": s["mean_recall"] >= TARGET_SHARE * t["mean_recall"],
+        "keeps_95pct_of_teacher_cider": s["cider"] >= TARGET_SHARE * t["cider"],
         "beats_baseline_recall": s["mean_recall"] > b["mean_recall"],
         "beats_baseline_cider": s["cider"] > b["cider"],
+        # One architecture, two sets of weights: how far apart the measurement puts them (1 = agree).
+        "student_over_baseline_latency": _share(s["latency_ms"], b["latency_ms"]),
+        "student_over_baseline_cpu": _share(s["cpu_ms"], b["cpu_ms"]),
     }
 
 
@@ -212,70 +254,12 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def table_rows(report: dict) -> list[list[str]]:
-    rows = [["model", "params", "FLOPs", "latency ms", "mean recall", "CIDEr"]]
-    for m in MODELS:
-        r = report[m]
-        rows.append([m, _fmt_count(r["params"]), _fmt_count(r["flops"]), f"{r['latency_ms']:.2f}",
-                     f"{r['mean_recall']:.2f}", f"{r['cider']:.2f}"])
-    c = report["student_vs_teacher"]
-    rows.append(["student/teacher", f"{100 * c['params']:.1f}%", f"{100 * c['flops']:.1f}%",
-                 f"{c['speedup']:.2f}x faster", f"{100 * c['mean_recall']:.1f}%", f"{100 * c['cider']:.1f}%"])
-    return rows
-
-
 def format_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def verdict(report: dict) -> str:
-    c = report["student_vs_teacher"]
-    keeps = "keeps" if c["keeps_95pct_of_teacher_recall"] else "does NOT keep"
-    beats = "beats" if c["beats_baseline_recall"] else "does NOT beat"
-    return (f"The distilled student {keeps} {100 * TARGET_SHARE:.0f}% of the teacher's mean recall "
-            f"({100 * c['mean_recall']:.1f}%) with {100 * c['params']:.1f}% of its parameters and "
-            f"{100 * c['flops']:.1f}% of its FLOPs, {c['speedup']:.2f}x faster, and {beats} the baseline trained "
-            f"without distillation on mean recall ({report['student']['mean_recall']:.2f} vs "
-            f"{report['baseline']['mean_recall']:.2f}; CIDEr {report['student']['cider']:.2f} vs "
-            f"{report['baseline']['cider']:.2f}).")
-
-
-def plot(report: dict, runs: dict[str, Path], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = [out / "loss_curves.png", out / "quality_vs_params.png"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m in MODELS:
-        for ax, tag in zip(axes, ("loss/total", "loss/itc")):
-            steps, values = loss_curves(runs[m], tag)
-            ax.plot(steps, values, label=m)
-            ax.set_title(tag)
-            ax.set_xlabel("step")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in zip(axes, ("mean_recall", "cider"), ("mean recall (%)", "CIDEr")):
-        for m in MODELS:
-            ax.scatter(report[m]["params"] / 1e6, report[m][key], s=60, label=m)
-            ax.annotate(m, (report[m]["params"] / 1e6, report[m][key]), textcoords="offset points", xytext=(5, 5))
-        ax.set_xlabel("parameters (M)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} against parameters")
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
-    return paths
 
 
 def machine() -> dict:
@@ -286,26 +270,7 @@ def machine() -> dict:
             "torch": torch.__version__, "platform": platform.platform()}
 
 
-def write_markdown(report: dict, path: Path) -> None:
-    rows = table_rows(report)
-    where = (f"{report['date']}, {report['scale_name']} scale, {report['machine']['cpus']} CPUs "
-             f"({report['machine']['platform']}), {report['elapsed_s'] / 60:.1f} minutes end to end "
-             f"({report['cpu_s'] / 60:.1f} CPU minutes).")
-    notes = ("Mean recall: BLIP's R@1/5/10 image-to-text and text-to-image averaged, ITC top-k re-ranked by ITM, "
-             f"on {report['eval']['images']} held-out images (every test scene shows a colour-shape pair never "
-             "seen in training). CIDEr: beam search 3, BLIP's prompt. FLOPs and latency: one image-text pair "
-             "through the vision encoder and the fusion layers, batch 1, CPU.")
-    md = ["# dlip_ds demo report", "", where, "",
-          "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    stages = ", ".join(f"{name} {t['wall_s']:.0f} s ({t['cpu_s']:.0f} CPU s)" for name, t in report["stages"].items())
-    md += ["", verdict(report), "", notes, "", f"Stages (wall, CPU): {stages}.", "",
-           "![loss curves](loss_curves.png)", "", "![quality against parameters](quality_vs_params.png)", "",
-           "TensorBoard: `tensorboard --logdir " + str(Path(report["out"]) / "runs") + "`", ""]
-    path.write_text("\n".join(md))
-
-
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- the pipeline
 
 
 def _check_scale(out: Path, name: str) -> None:
@@ -338,54 +303,78 @@ class Stages:
         self.times[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(self._cpu() - cpu, 1)}
 
 
-def pretrain_models(out: Path, scale: Scale, stage: Stages, models: tuple[str, ...] = MODELS) -> tuple[Path, dict]:
-    """(data, {model: run dir}): the synthetic shards, the pretrained teacher and the distilled student
-    (and the baseline), each reused when an earlier run of this demo finished it."""
-    with stage("data"):
+def seed_dir(out: Path, seed: int) -> Path:
+    """Where seed `seed` of the demo in `out` lives: seed 0 in `out` itself (the single-seed layout)."""
+    return out if seed == 0 else out / f"seed-{seed}"
+
+
+def pretrain_models(out: Path, scale: Scale, stage: Stages, models: tuple[str, ...] = MODELS,
+                    seed: int = 0) -> tuple[Path, dict]:
+    """(data, {model: run dir}): the synthetic shards (OUT/data, one set for every seed), the pretrained
+    teacher and the distilled student (and the baseline) of seed `seed`, each reused when an earlier run
+    of this demo finished it."""
+    home, prefix = seed_dir(out, seed), "" if seed == 0 else f"seed-{seed}/"
+    with stage(prefix + "data"):
         data = make_data(out, scale)
+    home.mkdir(parents=True, exist_ok=True)
+    extra = {"train.seed": SEED0 + seed} if seed else None
     runs: dict[str, Path] = {}
     for m in models:
-        with stage(f"train_{m}"):
+        with stage(f"{prefix}train_{m}"):
             teacher = runs["teacher"] / "student" if m == "student" else None
-            runs[m] = train_run(m, out, data, scale, teacher=teacher)
+            runs[m] = train_run(m, home, data, scale, teacher=teacher, extra=extra)
     return data, runs
 
 
-def demo(out: str | Path, scale_name: str = "full") -> dict:
-    """Run the demo into `out`; returns the report (also written as OUT/report.json)."""
-    start = time.perf_counter()
-    out = Path(out).resolve()
-    scale = SCALES[scale_name]
-    _check_scale(out, scale_name)
-    stage = Stages()
-    data, runs = pretrain_models(out, scale, stage)
-    with stage("export"):
-        _log(f"student: exporting to {out / 'student'}")
-        _cli(["export", str(runs["student"]), "--out", str(out / "student")])
+def finished_seed(out: Path, scale: Scale, seed: int) -> dict | None:
+    """The seed's report when an earlier call wrote it after the three runs finished (so that a second
+    `--seeds N` call measures only the seeds still missing); None otherwise."""
+    from dlip_ds.engine.checkpoint import LATEST, tag_for
 
-    report: dict = {}
+    path = seed_dir(out, seed) / "seed_report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
     for m in MODELS:
-        with stage(f"evaluate_{m}"):
+        run = seed_dir(out, seed) / "runs" / m
+        latest, student = run / "checkpoints" / LATEST, run / "student" / "config.json"
+        steps = scale.teacher_steps if m == "teacher" else scale.student_steps
+        if not (latest.is_file() and latest.read_text().strip() == tag_for(steps) and student.is_file()
+                and student.stat().st_mtime < path.stat().st_mtime and "cpu_stats_ms" in report.get(m, {})):
+            return None
+    return report
+
+
+def run_seed(out: Path, scale: Scale, seed: int, stage: Stages) -> dict:
+    """One seed of the demo: the three trained (or resumed), the student exported, the three evaluated
+    and profiled together. Returns the seed's report, also written as <seed dir>/seed_report.json; a
+    seed finished by an earlier call is not measured again (delete its seed_report.json to measure it anew)."""
+    home, prefix = seed_dir(out, seed), "" if seed == 0 else f"seed-{seed}/"
+    report = finished_seed(out, scale, seed)
+    if report is not None:
+        _log(f"seed {seed}: reusing {home / 'seed_report.json'} (its three runs are finished)")
+        return report
+    data, runs = pretrain_models(out, scale, stage, seed=seed)
+    with stage(prefix + "export"):
+        _log(f"student: exporting to {home / 'student'}")
+        _cli(["export", str(runs["student"]), "--out", str(home / "student")])
+    metrics = {}
+    for m in MODELS:
+        with stage(f"{prefix}evaluate_{m}"):
             steps = scale.teacher_steps if m == "teacher" else scale.student_steps
-            metrics = evaluate_run(m, runs[m], out, data, scale, steps)
-        with stage(f"profile_{m}"):
-            _log(f"{m}: profiling (params, FLOPs, CPU latency)")
-            report[m] = summarise(metrics, profile_run(runs[m], scale))
+            metrics[m] = evaluate_run(m, runs[m], home, data, scale, steps)
+    with stage(prefix + "profile"):
+        _log(f"profiling the three (params, FLOPs, CPU latency: {scale.profile_repeats} interleaved rounds)")
+        profiles = profile_runs(runs, scale)
+    report = {m: summarise(metrics[m], profiles[m]) for m in MODELS}
     share = _share(report["student"]["params"], report["teacher"]["params"])
     if share > MAX_STUDENT_SHARE:
         raise DemoError(f"the student has {100 * share:.1f}% of the teacher's parameters, more than "
                         f"{100 * MAX_STUDENT_SHARE:.0f}%: check the demo recipes' presets")
     report["student_vs_teacher"] = compare(report)
-    report.update({
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "scale_name": scale_name, "scale": asdict(scale), "machine": machine(), "out": str(out),
-        "eval": {"images": metrics["images"], "texts": metrics["texts"], "k": scale.eval_k},
-        "stages": stage.times,
-    })
-    with stage("report"):
-        plot(report, runs, out)
-    report["elapsed_s"] = time.perf_counter() - start
-    report["cpu_s"] = sum(t["cpu_s"] for t in stage.times.values())
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, out / "report.md")
+    report.update({"seed": seed, "train_seed": SEED0 + seed, "dir": str(home),
+                   "runs": {m: str(r) for m, r in runs.items()},
+                   "eval": {"images": metrics["teacher"]["images"], "texts": metrics["teacher"]["texts"],
+                            "k": scale.eval_k}})
+    (home / "seed_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

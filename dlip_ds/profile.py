@@ -1,6 +1,15 @@
 """`dlip-ds profile --model A [--vs B]`: parameters per module, FLOPs per task (counted by
-`torch.utils.flop_counter.FlopCounterMode`) and latency (median of repeats, same machine, same run,
-the models alternating), with the B/A ratios. Works for presets without weights.
+`torch.utils.flop_counter.FlopCounterMode`) and latency, with the B/A ratios. Works for presets without weights.
+
+Latency method (`profile_models`): per task, every model is warmed up, then timed once per round over
+`repeats` rounds, the models interleaved within each round and their order rotated from round to round,
+each timed call right after an untimed one of the same model, with the garbage collector paused; each
+model's median over rounds is its latency, and the quartiles and min/max over rounds its spread
+(`latency_stats_ms`). Interleaving puts load from elsewhere on the machine on every model alike, so that
+two models of one architecture measure alike and ratios hold. Each call's
+CPU time on the calling thread is taken too (`cpu_ms`, `cpu_stats_ms`): at one torch thread on a CPU it
+is what the call costs an idle core, which holds where other jobs preempt the run and wall times do not
+(measured in benchmarks/demo_latency.py).
 
 Tasks, per image (batch 1 by default): `itc` = vision + unimodal text encoders (retrieval features);
 `itm` = vision + multimodal fusion pass; `caption` = vision + one beam-search caption whose length is fixed
@@ -11,6 +20,7 @@ Tasks, per image (batch 1 by default): `itc` = vision + unimodal text encoders (
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -73,13 +83,15 @@ def _task_fns(model, pixels, ids, mask, caption_len: int, num_beams: int):
     return fns
 
 
-def _timed(fn, device) -> float:
+def _timed(fn, device) -> tuple[float, float]:
+    """(wall ms, CPU ms of the calling thread) of one call."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     fn()
     sync()
-    return (time.perf_counter() - t0) * 1000
+    c1, t1 = time.thread_time(), time.perf_counter()
+    return (t1 - t0) * 1000, (c1 - c0) * 1000
 
 
 @torch.no_grad()
@@ -117,21 +129,53 @@ def profile_models(models: list, *, batch_size: int = 1, text_len: int = 35, cap
         })
         all_fns.append(fns)
     for task in TASKS:
-        runs = [(fns[task], r["latency_ms"]) for fns, r in zip(all_fns, results) if task in fns]
+        runs = [(fns[task], r) for fns, r in zip(all_fns, results) if task in fns]
         for fn, _ in runs:
             for _ in range(warmup):
                 fn()
-        times: list[list[float]] = [[] for _ in runs]
-        for _ in range(repeats):
-            for i, (fn, _) in enumerate(runs):
-                times[i].append(_timed(fn, device))
-        for (_, latency), ts in zip(runs, times):
-            latency[task] = statistics.median(ts)
+        for (_, r), (wall, cpu) in zip(runs, _interleaved([fn for fn, _ in runs], repeats, device)):
+            r["latency_ms"][task] = statistics.median(wall)
+            r.setdefault("latency_stats_ms", {})[task] = latency_stats(wall)
+            r.setdefault("cpu_ms", {})[task] = statistics.median(cpu)
+            r.setdefault("cpu_stats_ms", {})[task] = latency_stats(cpu)
     return results
 
 
+def _interleaved(fns: list, rounds: int, device) -> list[tuple[list[float], list[float]]]:
+    """(wall ms, CPU ms) per call of each fn, one timed call each per round; round r starts at fn r (mod
+    n). Each timed call follows an untimed call of the same fn: it finds its own weights in the caches, as
+    back-to-back requests would, not the previous model's (measured: without it, the model timed after a
+    larger one more often than its twin came out 3% slower). GC paused: a collection would land on
+    whichever call triggered it."""
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in fns]
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for k in range(len(fns)):
+                i = (r + k) % len(fns)
+                fns[i]()
+                wall, cpu = _timed(fns[i], device)
+                times[i][0].append(wall)
+                times[i][1].append(cpu)
+    finally:
+        if enabled:
+            gc.enable()
+    return times
+
+
+def latency_stats(times: list[float]) -> dict:
+    """Median, quartiles and range of one model's per-round times (ms), and how many rounds."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"median": statistics.median(times), "q1": q1, "q3": q3, "min": min(times), "max": max(times),
+            "rounds": len(times)}
+
+
 def profile_model(model, **kwargs) -> dict:
-    """{"params": {module: n}, "flops": {task: n}, "latency_ms": {task: median ms}, "config": {...}}.
+    """{"params": {module: n}, "flops": {task: n}, "latency_ms": {task: median ms},
+    "latency_stats_ms": {task: {median, q1, q3, min, max, rounds}}, "cpu_ms" and "cpu_stats_ms" alike (CPU
+    time of the calling thread: all of a call's at one torch thread), "config": {...}}.
     Keywords: batch_size=1, text_len=35, caption_len=20, num_beams=3, repeats=3, warmup=1, device="cpu"."""
     return profile_models([model], **kwargs)[0]
 
