@@ -65,12 +65,14 @@ def test_vqa_loss_is_blips_weighted_answer_loss(tiny_model):
     for q, n in enumerate(counts):
         ids, mask = batch["question_input_ids"][q:q + 1], batch["question_attention_mask"][q:q + 1]
         keep = int(mask.sum())  # the question alone, unpadded: padding must not matter
-        states = model.fuse(image[q:q + 1], ids[:, :keep], mask[:, :keep]).hidden
+        with torch.no_grad():
+            states = model.fuse(image[q:q + 1], ids[:, :keep], mask[:, :keep]).hidden
         for _ in range(n):
             length = int(batch["answer_attention_mask"][row].sum())
             ans = batch["answer_input_ids"][row:row + 1, :length]
-            hidden = model.decode(states, ans, torch.ones_like(ans)).hidden
-            logp = F.log_softmax(model.lm_logits_from_hidden(hidden)[0].double(), dim=-1)
+            with torch.no_grad():
+                hidden = model.decode(states, ans, torch.ones_like(ans)).hidden
+                logp = F.log_softmax(model.lm_logits_from_hidden(hidden)[0].double(), dim=-1)
             loss = 0.0
             for j in range(length - 1):
                 target = int(ans[0, j + 1])
