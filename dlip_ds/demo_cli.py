@@ -251,9 +251,10 @@ def write_markdown(report: dict, path: Path) -> None:
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     stages = ", ".join(f"{name} {t['wall_s']:.0f} s ({t['cpu_s']:.0f} CPU s)" for name, t in report["stages"].items())
     md += ["", verdict(report), "", notes, ""] + (seed_lines(report) if n > 1 else []) + latency_lines(report)
-    md += [(f"Stages (wall, CPU): {stages}; total {report['total']['wall_s']:.0f} s ({report['total']['cpu_s']:.0f} "
-           "CPU s)."), "", "![loss curves](loss_curves.png)", "", "![quality against parameters](quality_vs_params.png)",
-           "", "TensorBoard: `tensorboard --logdir " + str(Path(report["out"]) / "runs") + "`", ""]
+    total = report["total"]
+    md += [f"Stages (wall, CPU): {stages}; total {total['wall_s']:.0f} s ({total['cpu_s']:.0f} CPU s).", "",
+           "![loss curves](loss_curves.png)", "", "![quality against parameters](quality_vs_params.png)", "",
+           f"TensorBoard: `tensorboard --logdir {Path(report['out']) / 'runs'}`", ""]
     path.write_text("\n".join(md))
 
 

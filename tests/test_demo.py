@@ -229,7 +229,8 @@ def test_seed_layout_and_training_seeds(tmp_path, monkeypatch):
                      ("student", tmp_path, tmp_path / "data", tmp_path / "runs" / "teacher" / "student", None),
                      ("baseline", tmp_path, tmp_path / "data", None, None),
                      ("teacher", home, tmp_path / "data", None, {"train.seed": SEED0 + 2}),
-                     ("student", home, tmp_path / "data", home / "runs" / "teacher" / "student", {"train.seed": SEED0 + 2}),
+                     ("student", home, tmp_path / "data", home / "runs" / "teacher" / "student",
+                      {"train.seed": SEED0 + 2}),
                      ("baseline", home, tmp_path / "data", None, {"train.seed": SEED0 + 2})]
     assert {"train_teacher", "seed-2/train_teacher", "seed-2/train_baseline"} <= set(stage.times)
 
@@ -269,7 +270,8 @@ def test_a_finished_seed_is_reused_until_a_run_changes(tmp_path):
         run = home / "runs" / m
         (run / "checkpoints").mkdir(parents=True)
         (run / "student").mkdir()
-        (run / "checkpoints" / LATEST).write_text(tag_for(scale.teacher_steps if m == "teacher" else scale.student_steps))
+        steps = scale.teacher_steps if m == "teacher" else scale.student_steps
+        (run / "checkpoints" / LATEST).write_text(tag_for(steps))
         (run / "student" / "config.json").write_text("{}")
         os.utime(run / "student" / "config.json", (1000, 1000))
     report = {m: {"cpu_stats_ms": {}} for m in MODELS}
