@@ -347,13 +347,15 @@ def finished_seed(out: Path, scale: Scale, seed: int) -> dict | None:
 
 def run_seed(out: Path, scale: Scale, seed: int, stage: Stages) -> dict:
     """One seed of the demo: the three trained (or resumed), the student exported, the three evaluated
-    and profiled together. Returns the seed's report, also written as <seed dir>/seed_report.json; a
-    seed finished by an earlier call is not measured again (delete its seed_report.json to measure it anew)."""
+    and profiled together. Returns the seed's report (with its stages' times), also written as <seed
+    dir>/seed_report.json; a seed finished by an earlier call is not measured again (`reused` in the
+    returned report; delete its seed_report.json to measure it anew)."""
     home, prefix = seed_dir(out, seed), "" if seed == 0 else f"seed-{seed}/"
     report = finished_seed(out, scale, seed)
     if report is not None:
         _log(f"seed {seed}: reusing {home / 'seed_report.json'} (its three runs are finished)")
-        return report
+        return {**report, "reused": True}
+    earlier = set(stage.times)
     data, runs = pretrain_models(out, scale, stage, seed=seed)
     with stage(prefix + "export"):
         _log(f"student: exporting to {home / 'student'}")
@@ -375,6 +377,7 @@ def run_seed(out: Path, scale: Scale, seed: int, stage: Stages) -> dict:
     report.update({"seed": seed, "train_seed": SEED0 + seed, "dir": str(home),
                    "runs": {m: str(r) for m, r in runs.items()},
                    "eval": {"images": metrics["teacher"]["images"], "texts": metrics["teacher"]["texts"],
-                            "k": scale.eval_k}})
+                            "k": scale.eval_k},
+                   "stages": {k: t for k, t in stage.times.items() if k not in earlier}})
     (home / "seed_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -104,7 +104,7 @@ def demo(out: str | Path, scale_name: str = "full", seeds: int = 1) -> dict:
         if seeds > 1:
             done = time.perf_counter() - start
             eta = f", about {done / seed * (seeds - seed) / 60:.0f} min to go" if seed else ""
-            _log(f"seed {seed + 1}/{seeds} (training seed {SEED0 + seed}, in {seed_dir(out, seed)}){eta}")
+            _log(f"seed {seed} ({seed + 1} of {seeds}; training seed {SEED0 + seed}, in {seed_dir(out, seed)}){eta}")
         seed_reports.append(run_seed(out, scale, seed, stage))
     report = aggregate(seed_reports)
     report.update({
@@ -205,8 +205,9 @@ def latency_lines(report: dict) -> list[str]:
     lm, c = report["latency_method"], report["student_vs_teacher"]
     md = ["## Latency", "",
           (f"One image-text pair through vision and fusion (ITM), batch 1, {lm['torch_threads']} torch thread; the "
-          f"three models timed interleaved over {lm['rounds']} rounds (order rotated each round) after "
-          f"{lm['warmup']} warm-up calls each. Wall: what a caller waits. CPU: the calling thread's CPU time, "
+          f"three models timed interleaved over {lm['rounds']} rounds (order rotated each round, each timed call "
+          f"right after an untimed one of the same model) after {lm['warmup']} warm-up call(s) each. Wall: what a "
+          "caller waits. CPU: the calling thread's CPU time, "
           "what the call costs an idle core; it holds when other jobs share the machine, wall time does not."), "",
           "| model | seed | wall ms: median | IQR | min-max | CPU ms: median | IQR | min-max | load average |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -251,9 +252,13 @@ def write_markdown(report: dict, path: Path) -> None:
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     stages = ", ".join(f"{name} {t['wall_s']:.0f} s ({t['cpu_s']:.0f} CPU s)" for name, t in report["stages"].items())
     md += ["", verdict(report), "", notes, ""] + (seed_lines(report) if n > 1 else []) + latency_lines(report)
-    md += [(f"Stages (wall, CPU): {stages}; total {report['total']['wall_s']:.0f} s ({report['total']['cpu_s']:.0f} "
-           "CPU s)."), "", "![loss curves](loss_curves.png)", "", "![quality against parameters](quality_vs_params.png)",
-           "", "TensorBoard: `tensorboard --logdir " + str(Path(report["out"]) / "runs") + "`", ""]
+    total = report["total"]
+    reused = [str(s["seed"]) for s in report["per_seed"] if s.get("reused")]
+    if reused:  # their stage times are in their own reports, from the call that measured them
+        stages += f"; seed(s) {', '.join(reused)} reused from an earlier call (report.json: per_seed[].stages)"
+    md += [f"Stages (wall, CPU): {stages}; total {total['wall_s']:.0f} s ({total['cpu_s']:.0f} CPU s).", "",
+           "![loss curves](loss_curves.png)", "", "![quality against parameters](quality_vs_params.png)", "",
+           f"TensorBoard: `tensorboard --logdir {Path(report['out']) / 'runs'}`", ""]
     path.write_text("\n".join(md))
 
 

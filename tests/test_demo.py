@@ -49,6 +49,7 @@ def test_demo_report_numbers(demo_out, capsys):
     # One seed: the report is that seed's, whose own file is seed 0's seed_report.json in OUT.
     seed = json.loads((demo_out / "seed_report.json").read_text())
     assert report["seeds"] == 1 and report["train_seeds"] == [SEED0] and report["per_seed"] == [seed]
+    assert set(seed["stages"]) == set(report["stages"]) - {"report"}  # the seed's own stage times
     for m in MODELS:
         assert all(report[m][k] == pytest.approx(seed[m][k]) for k in HEADLINE)
     c = report["student_vs_teacher"]
@@ -115,7 +116,8 @@ def test_task_demo_fine_tunes_the_three_and_reports(demo_out, task):
     for m in MODELS:
         recipe = load_recipe(str(runs[m] / "config.yaml"))
         assert recipe.task == task
-        assert recipe.student.source == str(demo_out / "runs" / ("teacher" if m == "teacher" else "student") / "student")
+        source = "teacher" if m == "teacher" else "student"
+        assert recipe.student.source == str(demo_out / "runs" / source / "student")
         assert recipe.teacher.source == (str(runs["teacher"] / "student") if m == "student" else "")
         assert bool(recipe.loss.kd) == (m == "student")
         written = json.loads((demo_out / "eval" / f"{task}-{m}" /
@@ -171,7 +173,8 @@ def test_seeds_report_means_and_spread_from_each_seeds_files(demo_out, tmp_path,
     seeds = [json.loads((demo_out / "seed_report.json").read_text()), _second_seed(demo_out, root)]
     homes = {0: demo_out, 1: root / "seed-1"}
     asked = []
-    monkeypatch.setattr(demo_cli, "run_seed", lambda out, scale, seed, stage: asked.append(seed) or seeds[seed])
+    monkeypatch.setattr(demo_cli, "run_seed", lambda out, scale, seed, stage:  # seed 1 as if an earlier call ran it
+                        asked.append(seed) or ({**seeds[1], "reused": True} if seed else seeds[0]))
     report = demo_cli.demo(root, "ci", seeds=2)
     assert asked == [0, 1]
     assert json.loads((root / "report.json").read_text()) == json.loads(json.dumps(report))
@@ -208,6 +211,7 @@ def test_seeds_report_means_and_spread_from_each_seeds_files(demo_out, tmp_path,
     assert f"| {r['mean_recall']:.2f} ± {r['spread']['mean_recall']['std']:.2f} |" in md
     assert f"{r['cider']:.2f} ± {r['spread']['cider']['std']:.2f}" in md
     assert "## Seeds" in md and f"| 1 | {SEED0 + 1} |" in md and "means over 2 training seeds" in md
+    assert "seed(s) 1 reused from an earlier call" in md
     for name in ("loss_curves.png", "quality_vs_params.png"):
         assert (root / name).read_bytes()[:4] == b"\x89PNG"
 
@@ -229,7 +233,8 @@ def test_seed_layout_and_training_seeds(tmp_path, monkeypatch):
                      ("student", tmp_path, tmp_path / "data", tmp_path / "runs" / "teacher" / "student", None),
                      ("baseline", tmp_path, tmp_path / "data", None, None),
                      ("teacher", home, tmp_path / "data", None, {"train.seed": SEED0 + 2}),
-                     ("student", home, tmp_path / "data", home / "runs" / "teacher" / "student", {"train.seed": SEED0 + 2}),
+                     ("student", home, tmp_path / "data", home / "runs" / "teacher" / "student",
+                      {"train.seed": SEED0 + 2}),
                      ("baseline", home, tmp_path / "data", None, {"train.seed": SEED0 + 2})]
     assert {"train_teacher", "seed-2/train_teacher", "seed-2/train_baseline"} <= set(stage.times)
 
@@ -269,7 +274,8 @@ def test_a_finished_seed_is_reused_until_a_run_changes(tmp_path):
         run = home / "runs" / m
         (run / "checkpoints").mkdir(parents=True)
         (run / "student").mkdir()
-        (run / "checkpoints" / LATEST).write_text(tag_for(scale.teacher_steps if m == "teacher" else scale.student_steps))
+        steps = scale.teacher_steps if m == "teacher" else scale.student_steps
+        (run / "checkpoints" / LATEST).write_text(tag_for(steps))
         (run / "student" / "config.json").write_text("{}")
         os.utime(run / "student" / "config.json", (1000, 1000))
     report = {m: {"cpu_stats_ms": {}} for m in MODELS}
