@@ -62,7 +62,7 @@ def test_task_fine_tunes_without_and_with_a_teacher(assets, tmp_path, task):
     assert best["metric"] == METRIC[task] and best["step"] == 3 and METRIC[task] in best["metrics"]
     model, _ = load_run_student(teacher_run)
     assert model.cfg.decoder.enabled == (task != "retrieval")
-    assert getattr(model.cfg.decoder, "context", "image") == ("question" if task == "vqa" else "image")
+    assert model.cfg.decoder.context == ("question" if task == "vqa" else "image")
 
     # distillation from the fine-tuned teacher: the task's own loss plus every KD term of the recipe
     log = _train(assets, f"demo-{task}-distill", tmp_path / "student", f"teacher.source={teacher_run / 'student'}")

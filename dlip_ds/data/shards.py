@@ -100,6 +100,13 @@ def check_local_shards(spec, field_name: str) -> None:
             raise ConfigError(f"{field_name}: no such file or directory: {s}")
 
 
+def shard_folder(spec: str) -> Path:
+    """The local folder of a shard spec: the directory itself, else the first shard's folder (a brace
+    pattern or `::` list). `dlip-ds synth` writes tokenizer/ and answer_list.json beside its splits' folders."""
+    path = Path(spec)
+    return path if path.is_dir() else Path(wds.shardlists.expand_urls(spec)[0]).parent
+
+
 def expand_shards(spec: str | os.PathLike) -> list[str]:
     """One source -> shard URLs: a directory (its manifest's shards, else its *.tar), a brace
     pattern, a `::`-joined list, a `pipe:` command or a URL. Local files must exist."""

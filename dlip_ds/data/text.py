@@ -90,7 +90,7 @@ def _pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
 def tokenizer_from_config(cfg) -> object:
     """The tokenizer of a `DataConfig`: `cfg.tokenizer`, or when empty the `tokenizer/` folder that
     `dlip-ds synth` wrote beside the train shards' folder (a brace pattern or `::` list: the first shard's)."""
-    from dlip_ds.data.shards import is_remote
+    from dlip_ds.data.shards import is_remote, shard_folder
 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
@@ -100,13 +100,7 @@ def tokenizer_from_config(cfg) -> object:
     spec = str(specs[0])
     if is_remote(spec):
         raise ConfigError(f"data.tokenizer is empty and data.train_shards is remote ({spec}); set data.tokenizer")
-    first = Path(spec)
-    if not first.is_dir():
-        import webdataset as wds
-
-        first = Path(wds.shardlists.expand_urls(spec)[0])  # `{/a/x.tar,/b/y.tar}`, `x-{000..009}.tar`, `a::b`
-    folder = first if first.is_dir() else first.parent
-    path = folder.resolve().parent / "tokenizer"
+    path = shard_folder(spec).resolve().parent / "tokenizer"
     if not path.is_dir():
         raise ConfigError(f"data.tokenizer is empty and there is no synth tokenizer at {path}; set data.tokenizer")
     return load_tokenizer(path)

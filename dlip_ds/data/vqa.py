@@ -21,7 +21,7 @@ import webdataset as wds
 from dlip_ds.config import ConfigError, DataConfig, VisionConfig
 from dlip_ds.data.qa import answer_weights, clean_question, load_json, vqa_fields
 from dlip_ds.data.sample import BadSample, SkipCounter, decode_image, image_id_of
-from dlip_ds.data.shards import expand_shards, is_remote
+from dlip_ds.data.shards import is_remote, shard_folder
 from dlip_ds.data.stream import PrivateRNG, epoch_loader, source_list, train_loader
 from dlip_ds.data.transforms import hflip_pair, swap_left_right
 
@@ -170,7 +170,7 @@ def load_answer_list(path_or_shards) -> list[str]:
     else:
         if is_remote(spec):
             raise ConfigError(f"answer list: shards {spec} are remote; give the answer_list.json path")
-        first = Path(spec) if Path(spec).is_dir() else Path(expand_shards(spec)[0]).parent
+        first = shard_folder(spec)
         found = [p for p in (first.resolve().parent / ANSWER_LIST, first / ANSWER_LIST) if p.is_file()]
         if not found:
             raise ConfigError(f"answer list: no {ANSWER_LIST} beside or inside {first}; give its path")

@@ -21,6 +21,7 @@ from dlip_ds.config import ConfigError, ModelConfig
 from dlip_ds.losses.kd_inputs import KDInputs, KDMasks, LMHeadInputs
 from dlip_ds.losses.pretrain import IGNORE_INDEX
 from dlip_ds.models.vlp import VLPModel
+from dlip_ds.models.vqa import is_vqa
 from dlip_ds.tasks.base import Task, TaskBatch, TaskOutput
 from dlip_ds.tasks.pretrain import _dtype
 
@@ -55,7 +56,7 @@ class VQATask(Task):
     def __init__(self, student, plan, loss_cfg):
         super().__init__(student, plan, loss_cfg)
         cfg = student.cfg
-        self.check_model(cfg.decoder.enabled and getattr(cfg.decoder, "context", "image") == "question",
+        self.check_model(is_vqa(cfg),
                          "the vqa task needs BLIP's VQA topology (an answer decoder reading the question: "
                          "decoder.context=question); start from student.source, which the task converts")
         # BLIP_VQA has no ITC/ITM heads; ours are kept (unused) for the export, and nothing trains them
@@ -80,7 +81,7 @@ class VQATask(Task):
 
     @classmethod
     def check_teacher(cls, teacher: VLPModel, where: str) -> None:
-        if not (teacher.cfg.decoder.enabled and getattr(teacher.cfg.decoder, "context", "image") == "question"):
+        if not is_vqa(teacher.cfg):
             raise ConfigError(f"{where}: the vqa task distils from a VQA model (BLIP_VQA's topology, "
                               "decoder.context=question): fine-tune the teacher on VQA first (task: vqa, no teacher)")
 
