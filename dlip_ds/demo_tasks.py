@@ -31,6 +31,7 @@ from dlip_ds.demo import (
     loss_curves,
     machine,
     pretrain_models,
+    profile_runs,
     train_run,
 )
 
@@ -66,16 +67,6 @@ def evaluate(task: str, name: str, run_dir: Path, out: Path, data: Path, scale: 
     if task == "vqa":
         return json.loads((eval_dir / "vqa_metrics.json").read_text())
     return json.loads((eval_dir / "metrics.json").read_text())[task]
-
-
-def profile(runs: dict[str, Path], scale: Scale) -> dict:
-    """Parameters, FLOPs and latency of the three, their timed runs interleaved (`profile_models`)."""
-    from dlip_ds.engine.checkpoint import load_run_student
-    from dlip_ds.profile import profile_models
-
-    models = [load_run_student(runs[m])[0] for m in MODELS]
-    results = profile_models(models, repeats=scale.profile_repeats, caption_len=scale.profile_caption_len)
-    return dict(zip(MODELS, results))
 
 
 def _headline(task: str, prof: dict) -> str:
@@ -179,7 +170,7 @@ def task_demo(out: str | Path, scale_name: str, task: str) -> dict:
             metrics[m] = evaluate(task, f"{task}-{m}", runs[m], out, data, scale)
     with stage(f"profile_{task}"):
         _log(f"{task}: profiling the three models (params, FLOPs, interleaved CPU latency)")
-        report = build_report(task, metrics, profile(runs, scale))
+        report = build_report(task, metrics, profile_runs(runs, scale))
     report.update({"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                    "scale_name": scale_name, "scale": scale.__dict__, "machine": machine(), "out": str(out),
                    "runs": {m: str(r) for m, r in runs.items()}, "stages": stage.times})
