@@ -356,10 +356,42 @@ def test_inherit_every_kth_teacher_layer(tiny):
     assert torch.equal(student.text.layers[1].cross_attn.key.weight, teacher.text.layers[3].cross_attn.key.weight)
     assert torch.equal(student.decoder.self_attn[1].value.weight, teacher.decoder.self_attn[3].value.weight)
     assert torch.equal(student.momentum.vision.blocks[0].mlp.fc1.weight, teacher.vision.blocks[1].mlp.fc1.weight)
-    with pytest.raises(ConfigError, match="width"):
+    with pytest.raises(ConfigError, match="student is larger.*width: student 64 vs teacher 32"):
         init_student(tiny(vision={"width": 64}), InitConfig(vision="teacher"), teacher)
     with pytest.raises(ConfigError, match="needs a teacher"):
         init_student(student, InitConfig(text="teacher"))
+
+
+def _evenly(n_src: int, n_dst: int) -> list[int]:
+    return [round(i * (n_src - 1) / (n_dst - 1)) for i in range(n_dst)]
+
+
+def test_narrower_student_takes_a_subset_of_the_teacher(tiny):
+    """Weight selection: every tensor an evenly spaced subset, whole heads where the head size matches,
+    so the student's residual stream starts as a sub-stream of the teacher's."""
+    big = {"width": 64, "heads": 4}  # head size 16, as the student's (32 wide, 2 heads)
+    teacher = tiny(vision={**big, "depth": 4}, text={**big, "intermediate": 256, "depth": 4}, fusion={"layers": 4})
+    student = tiny(vision={"depth": 2}, text={"depth": 2}, fusion={"layers": 1})
+    init_student(student, InitConfig(vision="teacher", text="teacher"), teacher)
+    cols = _evenly(64, 32)
+    heads = [*range(16), *range(48, 64)]  # heads 0 and 3 of 4
+    qkv_rows = [b * 64 + i for b in range(3) for i in heads]
+    t_block, s_block = teacher.vision.blocks[3], student.vision.blocks[1]
+    assert torch.equal(s_block.attn.qkv.weight, t_block.attn.qkv.weight[qkv_rows][:, cols])
+    assert torch.equal(s_block.attn.proj.weight, t_block.attn.proj.weight[cols][:, heads])
+    assert torch.equal(s_block.mlp.fc1.weight, t_block.mlp.fc1.weight[_evenly(256, 128)][:, cols])
+    t_layer, s_layer = teacher.text.layers[3], student.text.layers[1]
+    assert torch.equal(s_layer.cross_attn.key.weight, t_layer.cross_attn.key.weight[heads][:, cols])
+    assert torch.equal(s_layer.self_attn.out.weight, t_layer.self_attn.out.weight[cols][:, heads])
+    assert torch.equal(student.decoder.self_attn[1].query.weight, teacher.decoder.self_attn[3].query.weight[heads][:, cols])
+    assert torch.equal(student.lm_head.dense.weight, teacher.lm_head.dense.weight[cols][:, cols])
+    px, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 120, (2, 7))
+    with torch.no_grad():  # the first residual states: the teacher's at the kept dimensions
+        assert torch.equal(student.vision.patch_embed(px), teacher.vision.patch_embed(px)[..., cols])
+        emb = student.text.embeddings.word_embeddings(ids)
+        assert torch.equal(emb, teacher.text.embeddings.word_embeddings(ids)[..., cols])
+    with pytest.raises(ConfigError, match="intermediate: student 512 vs teacher 256"):
+        init_student(tiny(text={"intermediate": 512}), InitConfig(text="teacher"), teacher)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -9,6 +9,7 @@ from pathlib import Path
 from dlip_ds.config import ConfigError
 from dlip_ds.models.dlip_format import CONFIG_NAME
 from dlip_ds.models.keymaps import bert_to_ours, prefixed, sub
+from dlip_ds.models.select import select_state
 from dlip_ds.models.vit import resize_pos_embed
 from dlip_ds.models.vlp import VLPModel
 from dlip_ds.models.weights import (
@@ -39,7 +40,8 @@ def _take_layers(state: dict, prefix: str, picks: list[int]) -> dict:
 def init_student(student: VLPModel, init, teacher: VLPModel | None = None) -> None:
     """Initialise student modules in place, per module (`InitConfig`: the recipe's `student.init`):
     vision "random" | "teacher" | "timm:<model name or weights file>"; text "random" | "teacher" |
-    "bert:<transformers BERT directory>". "teacher" takes every k-th teacher layer and needs equal widths."""
+    "bert:<transformers BERT directory>". "teacher" takes every k-th teacher layer; a narrower student takes
+    an evenly spaced subset of each tensor, whole heads where head sizes match (`models.select`)."""
     if init.vision != "random":
         _init_vision(student, init.vision, teacher)
     if init.text != "random":
@@ -60,15 +62,23 @@ def _same(what: str, pairs: dict) -> None:
         raise ConfigError(f"student.init.{what}: sizes differ ({'; '.join(bad)}); use random or a matching source")
 
 
+def _not_wider(what: str, pairs: dict) -> None:
+    bad = [f"{k}: student {s} vs teacher {t}" for k, (s, t) in pairs.items() if s > t]
+    if bad:
+        raise ConfigError(f"student.init.{what}=teacher: the student is larger ({'; '.join(bad)}); weight "
+                          "selection takes a subset of the teacher's tensors, so every size must be at most the teacher's")
+
+
 def _init_vision(student: VLPModel, spec: str, teacher: VLPModel | None) -> None:
     sv = student.cfg.vision
     if spec == "teacher":
         tv = _need_teacher(teacher, "vision").cfg.vision
-        _same("vision", {"width": (sv.width, tv.width), "heads": (sv.heads, tv.heads),
-                         "mlp_ratio": (sv.mlp_ratio, tv.mlp_ratio), "patch_size": (sv.patch_size, tv.patch_size)})
-        state, where = teacher.vision.state_dict(), "teacher vision encoder"
+        _same("vision", {"patch_size": (sv.patch_size, tv.patch_size)})
+        _not_wider("vision", {"width": (sv.width, tv.width), "heads": (sv.heads, tv.heads),
+                              "mlp width": (sv.width * sv.mlp_ratio, tv.width * tv.mlp_ratio)})
+        state, where, heads = teacher.vision.state_dict(), "teacher vision encoder", (tv.heads, sv.heads)
     elif spec.startswith("timm:"):
-        state, where = _timm_state(spec[len("timm:"):]), spec
+        state, where, heads = _timm_state(spec[len("timm:"):]), spec, None
     else:
         raise ConfigError(f"student.init.vision='{spec}': expected random, teacher or timm:<name or file>")
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
@@ -77,6 +87,8 @@ def _init_vision(student: VLPModel, spec: str, teacher: VLPModel | None) -> None
     if "pos_embed" in state:
         grid = sv.image_size // sv.patch_size
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], (grid, grid))
+    if heads is not None:
+        state = select_state(state, student.vision.state_dict(), heads)
     load_module_strict(student.vision, state, where)
     log.info("vision encoder initialised from %s", where)
 
@@ -99,8 +111,9 @@ def _init_text(student: VLPModel, spec: str, teacher: VLPModel | None) -> None:
     if spec == "teacher":
         teacher = _need_teacher(teacher, "text")
         tt = teacher.cfg.text
-        _same("text", {"width": (st.width, tt.width), "heads": (st.heads, tt.heads),
-                       "intermediate": (st.intermediate, tt.intermediate), "vocab_size": (st.vocab_size, tt.vocab_size)})
+        _same("text", {"vocab_size": (st.vocab_size, tt.vocab_size), "max_positions": (st.max_positions, tt.max_positions)})
+        _not_wider("text", {"width": (st.width, tt.width), "heads": (st.heads, tt.heads),
+                            "intermediate": (st.intermediate, tt.intermediate)})
         _inherit_text(student, teacher)
         return
     if not spec.startswith("bert:"):
@@ -141,13 +154,16 @@ def _inherit_text(student: VLPModel, teacher: VLPModel) -> None:
     picks = pick_layers(teacher.cfg.text.depth, student.cfg.text.depth)
     state = _take_layers(teacher.text.state_dict(), "layers", picks)
     own = student.text.state_dict()
-    state = {k: v for k, v in state.items() if k in own}  # teacher cross-attention where the student has none
+    heads = (teacher.cfg.text.heads, student.cfg.text.heads)
+    state = select_state(state, own, heads)  # drops teacher cross-attention where the student has none
     state.update({k: v for k, v in own.items() if k not in state})  # student cross-attention the teacher lacks
     load_module_strict(student.text, state, "teacher text encoder")
     s_dec, t_dec = student.cfg.decoder, teacher.cfg.decoder
     if s_dec.enabled and t_dec.enabled and s_dec.share and t_dec.share:
         n_t, n_s = teacher.module_info("decoder").depth, student.module_info("decoder").depth
         dec = _take_layers(prefixed(teacher.decoder.self_attn.state_dict(), "l."), "l", pick_layers(n_t, n_s))
-        load_module_strict(student.decoder.self_attn, sub(dec, "l."), "teacher decoder self-attention")
-        load_module_strict(student.lm_head, teacher.lm_head.state_dict(), "teacher LM head")
+        dec = select_state(sub(dec, "l."), student.decoder.self_attn.state_dict(), heads)
+        load_module_strict(student.decoder.self_attn, dec, "teacher decoder self-attention")
+        lm = select_state(teacher.lm_head.state_dict(), student.lm_head.state_dict())
+        load_module_strict(student.lm_head, lm, "teacher LM head")
     log.info("text encoder initialised from teacher layers %s", picks)
