@@ -24,6 +24,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "simplejpeg>=1.7",  # libjpeg-turbo with DCT scaling: the loader's JPEG decoder
         "numpy>=1.24",
         "matplotlib>=3.7",
     ],

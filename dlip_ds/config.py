@@ -149,6 +149,9 @@ class DataConfig:
     prompt: str = "a picture of "
     randaugment: bool = True
     min_scale: float = 0.5
+    # where JPEGs are decoded, cropped and normalised: "cpu" (the dataloader workers), "gpu" (the workers
+    # send the JPEGs; nvJPEG and the crops run on the GPU, without RandAugment), "auto" (gpu when it can)
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
 
 
 @dataclass
