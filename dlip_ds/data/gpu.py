@@ -15,7 +15,7 @@ Batch keys in place of `pixel_values` (B rows, S the image size):
   jpeg_offsets long [B + 1]  row r's JPEG is jpeg_data[off[r]:off[r + 1]] (empty: decoded in the worker)
   crop_boxes long [B, 4]     (top, left, height, width) in the decoded image
   flips bool [B]
-  worker_rows long [n], worker_pixels uint8 [n, S, S, 3]: the rows decoded in the worker
+  worker_rows long [n], worker_pixels uint8 [n, 3, S, S]: the rows decoded in the worker
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def resolve_decode(cfg: DataConfig, device: torch.device, *, supported: bool = T
 
 
 def collate_for_device(images: list, size: int) -> dict[str, Tensor]:
-    """Per-row images (`DeviceJob`s, or uint8 pixels [S, S, 3] decoded in the worker) -> the encoded
+    """Per-row images (`DeviceJob`s, or uint8 pixels [3, S, S] decoded in the worker) -> the encoded
     batch keys of the module docstring."""
     b = len(images)
     offsets, chunks = [0], []
@@ -114,7 +114,7 @@ def collate_for_device(images: list, size: int) -> dict[str, Tensor]:
         "crop_boxes": boxes,
         "flips": flips,
         "worker_rows": torch.tensor(rows, dtype=torch.long),
-        "worker_pixels": torch.stack(pixels) if pixels else torch.zeros(0, size, size, 3, dtype=torch.uint8),
+        "worker_pixels": torch.stack(pixels) if pixels else torch.zeros(0, 3, size, size, dtype=torch.uint8),
     }
 
 
@@ -168,7 +168,7 @@ def finish_batch(batch: dict, vision: VisionConfig, device: torch.device | str) 
         if image is not None:
             out[r] = resized_crop(image, boxes[r].tolist(), size)
     if len(rows):
-        out[rows.to(device)] = pixels.to(device).permute(0, 3, 1, 2).float()
+        out[rows.to(device)] = pixels.to(device).float()
     flips = flips.to(device)
     out[flips] = out[flips].flip(-1)
     scale = torch.tensor([1.0 / (255.0 * s) for s in vision.std], device=device).view(1, 3, 1, 1)

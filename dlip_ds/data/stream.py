@@ -154,7 +154,7 @@ class ToExample:
     caption); evaluation keeps the first caption and no randomness. The draws (caption, then the
     view: crop box, flip, RandAugment ops) come from this worker's own `random.Random`, seeded from
     (seed, worker), and are made from the image header, before decoding: the JPEG is then decoded at
-    the smallest DCT scale the crop allows. "image" is uint8 pixels [S, S, 3], or with `on_device` a
+    the smallest DCT scale the crop allows. "image" is uint8 pixels [3, S, S], or with `on_device` a
     `DeviceJob` (the JPEG and its view) for the GPU to finish (`data.gpu`)."""
 
     def __init__(self, view: TrainView | EvalView, counter: SkipCounter, *, max_words: int, train: bool, seed: int,
