@@ -269,7 +269,7 @@ def configs_for(args) -> list[dict]:
     return out
 
 
-def cuda_finish(vision, device):
+def device_finish(vision, device):
     """What the trainer does with a batch on the GPU: images decoded and cropped there (decode=gpu)
     or copied there (decode=cpu), synchronised so the clock sees the work."""
     from dlip_ds.data.gpu import finish_batch
@@ -277,7 +277,8 @@ def cuda_finish(vision, device):
     def finish(batch):
         batch = finish_batch(batch, vision, device)
         batch["pixel_values"].to(device, non_blocking=True)
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return finish
 
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
             for i, c in enumerate(configs):
                 loader = PIPELINES[c["pipeline"]](urls[c["side"]], tok, c["workers"], randaugment=c["randaugment"],
                                                   size=c["size"], decode=c["decode"])
-                finish = cuda_finish(VisionConfig(image_size=c["size"]), torch.device("cuda")) if gpu else None
+                finish = device_finish(VisionConfig(image_size=c["size"]), torch.device("cuda")) if gpu else None
                 runs[i].append(measure(loader, args.batches, args.warmup, finish))
                 print(f"[{rep + 1}/{args.repeats}] {c['side']}px->{c['size']} {c['pipeline']:9s} ra={c['randaugment']!s:5s} "
                       f"decode={c['decode']} workers={c['workers']}: {runs[i][-1]:7.1f} pairs/s "

@@ -159,6 +159,7 @@ def finish_batch(batch: dict, vision: VisionConfig, device: torch.device | str) 
         return batch
     batch = dict(batch)
     data, off, boxes, flips, rows, pixels = (batch.pop(k) for k in ENCODED_KEYS)
+    off, boxes = off.tolist(), boxes.tolist()
     b, size = len(off) - 1, vision.image_size
     out = torch.empty(b, 3, size, size, device=device)
     jpeg_rows = [r for r in range(b) if off[r + 1] > off[r]]
@@ -166,7 +167,7 @@ def finish_batch(batch: dict, vision: VisionConfig, device: torch.device | str) 
     bad = [r for r, image in zip(jpeg_rows, decoded) if image is None]
     for r, image in zip(jpeg_rows, decoded):
         if image is not None:
-            out[r] = resized_crop(image, boxes[r].tolist(), size)
+            out[r] = resized_crop(image, boxes[r], size)
     if len(rows):
         out[rows.to(device)] = pixels.to(device).float()
     flips = flips.to(device)
