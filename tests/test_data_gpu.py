@@ -153,3 +153,36 @@ def test_decode_choice_and_its_errors(tok, shards):
 
     with pytest.raises(ConfigError, match=r"data\.decode must be cpu\|gpu\|auto"):
         recipe_from_dict({"data": {"decode": "nvjpeg"}})
+
+
+GPU_ON_CPU_SCRIPT = """
+import sys
+from dlip_ds import train
+from dlip_ds.engine import trainer
+
+trainer.resolve_decode = lambda cfg, device, supported=True: "gpu"  # the device path, its device the CPU
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_training_run_with_the_device_path_on_cpu(shards, tmp_path):
+    """The trainer's decode=gpu plumbing end to end (encoded batches from a worker process,
+    DevicePrefetcher, finish_batch, the task's batch), the device code on CPU tensors, on the JPEG
+    shards above (a PNG and a grey JPEG among them): a tiny run trains and exports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "DS_ACCELERATOR": "cpu",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    (tmp_path / "vocab").mkdir()
+    sets = [f"data.train_shards={shards[0]}", f"data.tokenizer={write_vocab(tmp_path / 'vocab', WORDS)}",
+            "data.batch_size=4", "data.workers=1", "data.shuffle_buffer=8", "data.randaugment=false",
+            "data.decode=gpu", "teacher.source=", "train.max_steps=2", "train.warmup_steps=1", "train.log_every=1",
+            "train.ckpt_every=100"]
+    cmd = [sys.executable, "-c", GPU_ON_CPU_SCRIPT, "--config", "tiny-pretrain", "--out", str(tmp_path / "run"),
+           *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 2/2" in proc.stdout and (tmp_path / "run" / "student" / "model.safetensors").is_file()
