@@ -48,15 +48,16 @@ class DeviceJob:
 
 
 @functools.cache
-def nvjpeg_available() -> bool:
-    """torchvision decodes JPEGs on this machine's CUDA device (a tiny probe)."""
+def nvjpeg_available(device: str = "cuda") -> bool:
+    """torchvision decodes JPEGs on this CUDA device (a tiny probe; "cuda": the current one, which
+    the trainer has set to this rank's before it asks)."""
     if not torch.cuda.is_available():
         return False
     try:
         from torchvision.io import decode_jpeg, encode_jpeg
 
         probe = encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))
-        decode_jpeg(probe, device="cuda")
+        decode_jpeg(probe, device=device)
         return True
     except (RuntimeError, ImportError) as e:
         log.info("torchvision cannot decode JPEGs on CUDA here: %s", e)
@@ -79,7 +80,7 @@ def resolve_decode(cfg: DataConfig, device: torch.device, *, supported: bool = T
     torchvision's nvJPEG decoder and a task whose loader has the path (`supported`)."""
     if cfg.decode == "gpu":
         why = ("this run's device is " + device.type if device.type != "cuda" else
-               "torchvision cannot decode JPEGs on this CUDA device" if not nvjpeg_available() else
+               "torchvision cannot decode JPEGs on this CUDA device" if not nvjpeg_available(str(device)) else
                "this task's loader has no device-side path" if not supported else "")
         if why:
             raise ConfigError(f"data.decode=gpu: {why}; set data.decode=cpu, or auto to fall back to the CPU")
