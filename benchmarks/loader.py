@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import io
 import json
 import os
@@ -305,6 +306,9 @@ def main(argv=None) -> int:
     from dlip_ds.config import VisionConfig
     from dlip_ds.data.text import load_tokenizer
 
+    if "open_clip" in args.pipelines and importlib.util.find_spec("open_clip_train") is None:
+        print("open_clip's pipeline left out: open-clip-torch is not installed (pip install -e '.[bench]')")
+        args.pipelines = [p for p in args.pipelines if p != "open_clip"]
     configs = configs_for(args)
     runs: list[list[float]] = [[] for _ in configs]
     load_before = os.getloadavg()[0]
