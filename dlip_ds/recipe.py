@@ -7,9 +7,11 @@ A recipe may name a `base:` recipe it extends; overrides use dotted keys
 
 from __future__ import annotations
 
+import re
 import typing
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -22,15 +24,45 @@ from dlip_ds.config import (
     deep_merge,
     did_you_mean,
     from_dict,
-    load_yaml,
     model_config_from_dict,
-    parse_override,
     to_dict,
 )
 from dlip_ds.models.presets import preset_dict
 from dlip_ds.tasks import TASKS
 
 RECIPE_DIR = "recipes"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` (no dot) as a float, as people write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{text}': empty key")
+    value = load_yaml(raw) if raw.strip() else ""
+    out: dict = {}
+    cur = out
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
 
 
 def resolve_student(data: dict, path: str = "student") -> StudentConfig:

@@ -7,10 +7,9 @@ from dlip_ds.config import (
     ModelConfig,
     Recipe,
     model_config_from_dict,
-    parse_override,
     to_dict,
 )
-from dlip_ds.recipe import load_recipe, recipe_from_dict, save_recipe
+from dlip_ds.recipe import load_recipe, parse_override, recipe_from_dict, save_recipe
 
 SMALL_MODEL = {
     "vision": {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},

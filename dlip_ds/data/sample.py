@@ -8,13 +8,16 @@ import json
 import logging
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+import simplejpeg
+from PIL import ExifTags, Image, ImageOps
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_EXIF_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF")  # formats whose EXIF may rotate the image
 
 
 class BadSample(Exception):
@@ -41,10 +44,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image with EXIF orientation applied; BadSample when empty, not an image,
-    truncated, or larger than `max_pixels` (default PIL.Image.MAX_IMAGE_PIXELS, checked from the
-    header before decoding: a decompression-bomb guard)."""
+@dataclass
+class Opened:
+    """An image whose header is read and checked, not yet decoded: `width` x `height` upright (EXIF
+    orientation applied), `orientation` the EXIF tag (1: as stored)."""
+
+    data: bytes
+    img: Image.Image
+    width: int
+    height: int
+    orientation: int
+
+    @property
+    def jpeg(self) -> bool:
+        """A JPEG that libjpeg-turbo (simplejpeg, nvJPEG) decodes to RGB as PIL would: YCbCr or grey,
+        stored upright (CMYK and rotated ones go through PIL)."""
+        return self.img.format == "JPEG" and self.img.mode in ("RGB", "L") and self.orientation == 1
+
+
+def open_image(data: bytes, *, max_pixels: int | None = None) -> Opened:
+    """Bytes -> `Opened` from the header only; BadSample when empty, not an image, or larger than
+    `max_pixels` (default PIL.Image.MAX_IMAGE_PIXELS): a decompression-bomb guard before decoding."""
     if not data:
         raise BadSample("empty_image")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -52,15 +72,45 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         if limit and img.width * img.height > limit:
             raise BadSample("image_too_large", f"{img.width}x{img.height} > {limit} pixels")
-        img.load()
-        img = ImageOps.exif_transpose(img)
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1) if img.format in _EXIF_FORMATS else 1
     except BadSample:
         raise
     except Image.DecompressionBombError as e:
         raise BadSample("image_too_large", str(e)) from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
         raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+    w, h = (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+    return Opened(data, img, w, h, orientation)
+
+
+def load_image(opened: Opened, min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an `Opened` image to RGB, upright. A JPEG is decoded by libjpeg-turbo (simplejpeg,
+    the same pixels as PIL's decoder, faster), and when `min_size` (width, height) is given, at the
+    smallest DCT scale (k/8) that keeps at least that size. Everything else, and any JPEG that
+    simplejpeg refuses, goes through PIL in full. BadSample("bad_image") when it does not decode."""
+    if opened.jpeg:
+        try:
+            w, h = min_size or (opened.width, opened.height)
+            arr = simplejpeg.decode_jpeg(opened.data, colorspace="RGB", min_width=w, min_height=h)
+            return Image.fromarray(arr)
+        except ValueError:  # simplejpeg's error for data libjpeg-turbo rejects: PIL decides (and names it)
+            pass
+    img = opened.img
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise BadSample("image_too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
     return to_rgb(img)
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image with EXIF orientation applied; BadSample when empty, not an image,
+    truncated, or larger than `max_pixels` (default PIL.Image.MAX_IMAGE_PIXELS, checked from the
+    header before decoding: a decompression-bomb guard)."""
+    return load_image(open_image(data, max_pixels=max_pixels))
 
 
 def decode_text(data: bytes | str) -> str:

@@ -2,8 +2,9 @@
 
 The chain is open_clip's: shard list (resampled for step-based training, or an exact epoch split by
 rank and dataloader worker), tar reading with a handler that logs and continues, shuffle buffer,
-decode + transform + caption choice, batching with tokenization. Every skipped sample or shard is
-counted by reason and the counts ride along in each batch as `skipped`.
+caption choice + view draw + decode + crop (`ToExample`), batching with tokenization and one
+normalisation per batch. Every skipped sample or shard is counted by reason and the counts ride
+along in each batch as `skipped`; each batch also carries `loader_seconds`, what it cost the worker.
 
 Determinism and resume: shard draws, the shuffle buffer and augmentation use RNGs seeded from
 (seed, start_step, rank, worker), never the process-global ones, so the same arguments give the
@@ -13,10 +14,12 @@ samples it saw after step 0.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -25,16 +28,23 @@ import webdataset as wds
 from webdataset.utils import make_seed
 
 from dlip_ds.config import ConfigError, DataConfig, VisionConfig
+from dlip_ds.data.gpu import DeviceJob, check_decode, collate_for_device
 from dlip_ds.data.sample import (
     BadSample,
     SkipCounter,
-    decode_image,
     image_id_of,
+    load_image,
+    open_image,
     sample_fields,
 )
 from dlip_ds.data.shards import expand_shards
 from dlip_ds.data.text import clean_caption, encode_captions
-from dlip_ds.data.transforms import eval_transform, hflip_pair, train_transform
+from dlip_ds.data.transforms import (
+    EvalView,
+    TrainView,
+    normalize_batch,
+    swap_left_right,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +99,9 @@ class _SplitByRank:
 class PrivateRNG:
     """Runs augmentation under its own python/numpy/torch RNG streams (torchvision draws from torch,
     timm's RandAugment from python and numpy), seeded per worker on first use, so results are
-    deterministic and the trainer's global RNG state is untouched (workers=0)."""
+    deterministic and the trainer's global RNG state is untouched (workers=0). The VQA loader's
+    Compose transforms need it; the caption loader draws from its own `random.Random` instead
+    (`ToExample`), which costs nothing per sample (swapping these states costs 0.15 ms or more)."""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -139,14 +151,25 @@ class _WeightedMix(torch.utils.data.IterableDataset):
 
 
 class ToExample:
-    """Raw sample -> {"image": tensor, "caption": str, "image_id": int}, or None to skip.
+    """Raw sample -> {"image", "caption": str, "image_id": int, "num_captions": int}, or None to skip.
 
     Training picks one caption at random and flips with probability 0.5 (swapping left/right in the
-    caption); evaluation keeps the first caption and no randomness."""
+    caption); evaluation keeps the first caption and no randomness. The draws (caption, then the
+    view: crop box, flip, RandAugment ops) come from this worker's own `random.Random`, seeded from
+    (seed, worker), and are made from the image header, before decoding: the JPEG is then decoded at
+    the smallest DCT scale the crop allows. "image" is uint8 pixels [3, S, S], or with `on_device` a
+    `DeviceJob` (the JPEG and its view) for the GPU to finish (`data.gpu`)."""
 
-    def __init__(self, transform: Callable, counter: SkipCounter, *, max_words: int, train: bool, seed: int):
-        self.transform, self.counter, self.max_words, self.train = transform, counter, max_words, train
-        self.rng = PrivateRNG(seed)
+    def __init__(self, view: TrainView | EvalView, counter: SkipCounter, *, max_words: int, train: bool, seed: int,
+                 on_device: bool = False):
+        self.view, self.counter, self.max_words, self.train = view, counter, max_words, train
+        self.seed, self.on_device, self._rng = seed, on_device, None
+
+    @property
+    def rng(self) -> random.Random:
+        if self._rng is None:  # made in the worker that runs it: one stream per (seed, worker)
+            self._rng = random.Random(make_seed(self.seed, _worker()[0]))
+        return self._rng
 
     def __call__(self, sample: dict) -> dict | None:
         key = sample.get("__key__", "?")
@@ -155,28 +178,40 @@ class ToExample:
             captions = [c for c in (clean_caption(c, self.max_words) for c in captions) if c]
             if not captions:
                 raise BadSample("empty_caption")
-            image = decode_image(sample[ext])
+            opened = open_image(sample[ext])
+            caption = self.rng.choice(captions) if self.train else captions[0]
+            view = self.view.draw(self.rng, opened.width, opened.height)
+            if self.on_device and opened.jpeg:
+                image = DeviceJob(opened.data, view)
+            else:
+                decoded = load_image(opened, self.view.min_decode_size(view, opened.width, opened.height))
+                image = self.view.render(decoded, view, opened.width, opened.height)
         except BadSample as e:
             self.counter.add(e.reason, f"{sample.get('__url__', '?')}:{key}: {e}")
             return None
-        with self.rng:
-            caption = random.choice(captions) if self.train else captions[0]
-            if self.train and random.random() < 0.5:
-                image, caption = hflip_pair(image, caption)
-            pixels = self.transform(image)
-        return {"image": pixels, "caption": caption, "image_id": image_id_of(meta, key), "num_captions": len(captions)}
+        if view.flip:
+            caption = swap_left_right(caption)
+        return {"image": image, "caption": caption, "image_id": image_id_of(meta, key), "num_captions": len(captions)}
 
 
 class Collate:
-    """List of examples -> the batch dict of docs/architecture.md section 3."""
+    """List of examples -> the batch dict of docs/architecture.md section 3: `pixel_values`
+    normalised here, in one pass over the batch, or with `on_device` the JPEGs and views that
+    `gpu.finish_batch` turns into `pixel_values` on the GPU."""
 
-    def __init__(self, tokenizer, counter: SkipCounter, *, max_length: int, prompt: str):
-        self.tokenizer, self.counter, self.max_length, self.prompt = tokenizer, counter, max_length, prompt
+    def __init__(self, tokenizer, counter: SkipCounter, vision: VisionConfig, *, max_length: int, prompt: str,
+                 on_device: bool = False):
+        self.tokenizer, self.counter, self.vision = tokenizer, counter, vision
+        self.max_length, self.prompt, self.on_device = max_length, prompt, on_device
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = encode_captions(self.tokenizer, [e["caption"] for e in examples], max_length=self.max_length,
                                 prompt=self.prompt)
-        batch["pixel_values"] = torch.stack([e["image"] for e in examples])
+        images = [e["image"] for e in examples]
+        if self.on_device:
+            batch.update(collate_for_device(images, self.vision.image_size))
+        else:
+            batch["pixel_values"] = normalize_batch(images, self.vision.mean, self.vision.std)
         batch["image_ids"] = torch.tensor([e["image_id"] for e in examples], dtype=torch.long)
         # For logs and `inspect`: the caption each row was tokenized from, and how many it had.
         batch["captions"] = [e["caption"] for e in examples]
@@ -197,20 +232,43 @@ class MapSkipNone:
 
 class CaptionStages:
     """The caption path's per-sample stage (`ToExample`) and collate (`Collate`), made per pipeline:
-    `stages(counter, seed) -> (stage, collate)`, the form `build_pipeline` takes."""
+    `stages(counter, seed) -> (stage, collate)`, the form `build_pipeline` takes. `train`: the
+    training view (`TrainView`), else the evaluation one; `cfg.decode` "gpu" (training only) leaves
+    JPEGs for the device."""
 
-    def __init__(self, tokenizer, cfg: DataConfig, transform: Callable, train: bool):
-        self.tokenizer, self.cfg, self.transform, self.train = tokenizer, cfg, transform, train
+    def __init__(self, tokenizer, cfg: DataConfig, vision: VisionConfig, train: bool):
+        self.tokenizer, self.cfg, self.vision, self.train = tokenizer, cfg, vision, train
+        self.view = TrainView(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if train \
+            else EvalView(vision)
+        self.on_device = train and check_decode(cfg) == "gpu"
 
     @classmethod
-    def maker(cls, tokenizer, cfg: DataConfig) -> Callable[[Callable, bool], CaptionStages]:
-        """`stages_for(transform, train)` of `train_loader` / `epoch_loader`."""
+    def maker(cls, tokenizer, cfg: DataConfig) -> Callable[[VisionConfig, bool], CaptionStages]:
+        """`stages_for(vision, train)` of `train_loader` / `epoch_loader`."""
         return functools.partial(cls, tokenizer, cfg)
 
     def __call__(self, counter: SkipCounter, seed: int) -> tuple[Callable, Callable]:
-        to_example = ToExample(self.transform, counter, max_words=self.cfg.max_words, train=self.train, seed=seed)
-        return MapSkipNone(to_example), Collate(self.tokenizer, counter, max_length=self.cfg.max_length,
-                                                prompt=self.cfg.prompt)
+        to_example = ToExample(self.view, counter, max_words=self.cfg.max_words, train=self.train, seed=seed,
+                               on_device=self.on_device)
+        return MapSkipNone(to_example), Collate(self.tokenizer, counter, self.vision, max_length=self.cfg.max_length,
+                                                prompt=self.cfg.prompt, on_device=self.on_device)
+
+
+class _BusyClock:
+    """Last stage: each batch carries `loader_seconds`, the time this worker spent making it (reading,
+    decoding, collating; not the time it waited for a free prefetch slot), so the trainer can show
+    what the loader could deliver beside what the step takes."""
+
+    def __call__(self, src: Iterator) -> Iterator:
+        it = iter(src)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            batch["loader_seconds"] = time.perf_counter() - start
+            yield batch
 
 
 class _FlushSkips:
@@ -259,6 +317,7 @@ def build_pipeline(sources: Sequence[str], stages: Callable[[SkipCounter, int], 
         *shuffle,
         per_sample,
         wds.batched(batch_size, collation_fn=collate, partial=not resampled),
+        _BusyClock(),
         *([] if resampled else [_FlushSkips(counter)]),
     )
 
@@ -271,27 +330,26 @@ def _loader(pipeline, workers: int, seed: int) -> wds.WebLoader:
     )
 
 
-def train_loader(cfg: DataConfig, vision: VisionConfig, stages_for: Callable[[Callable, bool], Callable], *,
+def train_loader(cfg: DataConfig, vision: VisionConfig, stages_for: Callable[[VisionConfig, bool], Callable], *,
                  rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0) -> wds.WebLoader:
-    """Infinite training batches of `cfg.train_shards` for this rank; `stages_for(transform, train)`
+    """Infinite training batches of `cfg.train_shards` for this rank; `stages_for(vision, train)`
     gives the `stages` of `build_pipeline` (`CaptionStages`, `vqa.VQAStages`)."""
     sources = source_list(cfg.train_shards)
     if cfg.weights is not None and len(cfg.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} train_shards sources")
-    transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment)
-    pipeline = build_pipeline(sources, stages_for(transform, True), cfg=cfg, batch_size=cfg.batch_size,
+    pipeline = build_pipeline(sources, stages_for(vision, True), cfg=cfg, batch_size=cfg.batch_size,
                               resampled=True, train=True, rank=rank, world_size=world_size, seed=seed,
                               start_step=start_step, weights=cfg.weights)
     return _loader(pipeline, cfg.workers, make_seed(seed, start_step, rank))
 
 
-def epoch_loader(shards, cfg: DataConfig, vision: VisionConfig, stages_for: Callable[[Callable, bool], Callable], *,
+def epoch_loader(shards, cfg: DataConfig, vision: VisionConfig, stages_for: Callable[[VisionConfig, bool], Callable], *,
                  rank: int = 0, world_size: int = 1, workers: int | None = None, augment: bool = False,
                  batch_size: int | None = None, seed: int = 0) -> wds.WebLoader:
-    """One exact pass over `shards` with the stages of `stages_for(transform, augment)`."""
-    transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if augment \
-        else eval_transform(vision)
-    pipeline = build_pipeline(source_list(shards), stages_for(transform, augment), cfg=cfg,
+    """One exact pass over `shards` with the stages of `stages_for(vision, augment)` (pixels decoded
+    on the CPU whatever `cfg.decode` says)."""
+    cfg = dataclasses.replace(cfg, decode="cpu")
+    pipeline = build_pipeline(source_list(shards), stages_for(vision, augment), cfg=cfg,
                               batch_size=batch_size or cfg.batch_size, resampled=False, train=augment, rank=rank,
                               world_size=world_size, seed=seed)
     return _loader(pipeline, cfg.workers if workers is None else workers, make_seed(seed, rank))
@@ -299,7 +357,8 @@ def epoch_loader(shards, cfg: DataConfig, vision: VisionConfig, stages_for: Call
 
 def make_train_loader(cfg: DataConfig, tokenizer, vision: VisionConfig, *, rank: int = 0, world_size: int = 1,
                       seed: int = 0, start_step: int = 0) -> wds.WebLoader:
-    """Infinite training batches for this rank (docs/architecture.md section 3)."""
+    """Infinite training batches for this rank (docs/architecture.md section 3); with `cfg.decode`
+    "gpu" they carry JPEGs for `gpu.finish_batch` instead of `pixel_values`."""
     return train_loader(cfg, vision, CaptionStages.maker(tokenizer, cfg), rank=rank, world_size=world_size, seed=seed,
                         start_step=start_step)
 

@@ -23,7 +23,12 @@ from dlip_ds.data.qa import answer_weights, clean_question, load_json, vqa_field
 from dlip_ds.data.sample import BadSample, SkipCounter, decode_image, image_id_of
 from dlip_ds.data.shards import is_remote, shard_folder
 from dlip_ds.data.stream import PrivateRNG, epoch_loader, source_list, train_loader
-from dlip_ds.data.transforms import hflip_pair, swap_left_right
+from dlip_ds.data.transforms import (
+    eval_transform,
+    hflip_pair,
+    swap_left_right,
+    train_transform,
+)
 
 ANSWER_LIST = "answer_list.json"
 
@@ -129,17 +134,20 @@ class VQACollate:
 
 
 class VQAStages:
-    """`stages(counter, seed)` of `stream.build_pipeline` for VQA shards."""
+    """`stages(counter, seed)` of `stream.build_pipeline` for VQA shards: the training transform
+    (`train_transform`, one view per question, flipped apart) or the evaluation one."""
 
-    def __init__(self, tokenizer, cfg: DataConfig, transform: Callable, train: bool):
-        self.tokenizer, self.cfg, self.transform, self.train = tokenizer, cfg, transform, train
+    def __init__(self, tokenizer, cfg: DataConfig, vision: VisionConfig, train: bool):
+        self.tokenizer, self.cfg, self.train = tokenizer, cfg, train
+        self.transform = train_transform(vision, min_scale=cfg.min_scale, randaugment=cfg.randaugment) if train \
+            else eval_transform(vision)
 
     def __call__(self, counter: SkipCounter, seed: int) -> tuple[Callable, Callable]:
         to_examples = ToVQAExamples(self.transform, counter, max_words=self.cfg.max_words, train=self.train, seed=seed)
         return FlatMap(to_examples), VQACollate(self.tokenizer, counter, max_length=self.cfg.max_length)
 
 
-def _stages_for(tokenizer, cfg: DataConfig) -> Callable[[Callable, bool], VQAStages]:
+def _stages_for(tokenizer, cfg: DataConfig) -> Callable[[VisionConfig, bool], VQAStages]:
     return functools.partial(VQAStages, tokenizer, cfg)
 
 

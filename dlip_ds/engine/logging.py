@@ -20,8 +20,11 @@ def format_seconds(seconds: float) -> str:
 class Monitor:
     """Rank 0 writes; every other rank gets a Monitor whose methods do nothing."""
 
+    WARN_EVERY = 10  # log lines between two data warnings at most
+
     def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, max_steps: int, log_every: int):
         self.enabled = enabled
+        self.lines_since_warning = self.WARN_EVERY
         self.log_every = max(1, log_every)
         self.start_step, self.max_steps = start_step, max_steps
         self.start_time = time.perf_counter()
@@ -66,11 +69,26 @@ class Monitor:
         eta = elapsed / done * (self.max_steps - step) if done > 0 else 0.0
         losses = " ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in values.items() if k.startswith("loss/")
                           and k != "loss/total")
+        loader = values.get("data/loader_pairs_per_s")
+        data = f"data {values.get('data/step_pairs_per_s', 0.0):.0f} pairs/s" + (
+            f" (loader {loader:.0f})" if loader is not None else "")
         self.print(
             f"step {step}/{self.max_steps} | loss {values.get('loss/total', float('nan')):.4f} ({losses}) | "
             f"lr {values.get('train/lr', 0.0):.2e} | {values.get('throughput/samples_per_s', 0.0):.1f} samples/s | "
-            f"elapsed {format_seconds(elapsed)} | eta {format_seconds(eta)}"
+            f"{data} | elapsed {format_seconds(elapsed)} | eta {format_seconds(eta)}"
         )
+        self.lines_since_warning += 1
+
+    def data_warning(self, step: int, values: dict[str, float], knobs: str) -> None:
+        """One line when the step waits on data, at most once every WARN_EVERY log lines."""
+        if self.lines_since_warning < self.WARN_EVERY:
+            return
+        self.lines_since_warning = 0
+        loader = values.get("data/loader_pairs_per_s")
+        rates = f"the step takes {values.get('data/step_pairs_per_s', 0.0):.0f} pairs/s per rank" + (
+            f", the loader makes {loader:.0f}" if loader is not None else "")
+        self.print(f"step {step}: waiting on data {100 * values.get('data/wait_share', 0.0):.0f}% of the step "
+                   f"({rates}); {knobs or 'more data.workers or data.decode=gpu would help'}")
 
     def close(self) -> None:
         if self.bar is not None:

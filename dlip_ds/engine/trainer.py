@@ -17,11 +17,14 @@ model, optimizer, scheduler, loss scaler and RNG states it follows the same loss
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import torch
 
 from dlip_ds.config import Recipe
+from dlip_ds.data.gpu import resolve_decode
 from dlip_ds.data.shards import check_local_shards
 from dlip_ds.engine.build import (
     build_task,
@@ -48,6 +51,7 @@ from dlip_ds.engine.logging import Monitor
 from dlip_ds.engine.metrics import Window, add_skipped_all_ranks, log_window_all_ranks
 from dlip_ds.models.vlp import MomentumMaster
 from dlip_ds.recipe import save_recipe
+from dlip_ds.tasks import task_class
 from dlip_ds.timing import SpanTimer
 
 
@@ -101,6 +105,7 @@ class Trainer:
         if env.device.type == "cpu":
             limit_cpu_threads(recipe.data.workers)
         check_local_shards(recipe.data.train_shards, "data.train_shards")
+        self.decode = resolve_decode(recipe.data, env.device, supported=task_class(recipe.task).stream == "captions")
         self.tokenizer = tokenizer_from_config(recipe.data)
         self.recipe = recipe = fit_to_tokenizer(recipe, self.tokenizer)
         self.cfg, self.run_dir = recipe.train, run_dir
@@ -124,7 +129,7 @@ class Trainer:
             self.eval_data = load_eval_data(recipe, self.task.stream)
             self.best = BestKeeper(run_dir, self.task.metric)
         self.batches = self._new_loader()
-        self.window = Window()
+        self.window = self._new_window()
         self.bad_in_a_row = 0  # non-finite losses and skipped updates since the last applied update
 
     # ------------------------------------------------------------------ setup
@@ -158,11 +163,23 @@ class Trainer:
             f"{self.global_batch}, {self.cfg.max_steps} steps, run dir {self.run_dir}")
 
     def _new_loader(self):
+        """This rank's batches from the data position; with `data.decode` gpu, their JPEGs decoded and
+        cropped on the device one batch ahead (`data.gpu.DevicePrefetcher`)."""
         from dlip_ds import data
+        from dlip_ds.data.gpu import DevicePrefetcher, finish_batch
 
         make = data.make_vqa_train_loader if self.task.stream == "vqa" else data.make_train_loader
-        return iter(make(self.recipe.data, self.tokenizer, self.student.cfg.vision, rank=self.env.rank,
-                         world_size=self.env.world_size, seed=self.cfg.seed, start_step=self.state.micro_batches))
+        cfg = dataclasses.replace(self.recipe.data, decode=self.decode)
+        vision = self.student.cfg.vision
+        batches = iter(make(cfg, self.tokenizer, vision, rank=self.env.rank, world_size=self.env.world_size,
+                            seed=self.cfg.seed, start_step=self.state.micro_batches))
+        if self.decode != "gpu":
+            return batches
+        return DevicePrefetcher(batches, functools.partial(finish_batch, vision=vision, device=self.env.device),
+                                self.env.device)
+
+    def _new_window(self) -> Window:
+        return Window(workers=self.recipe.data.workers)
 
     # ------------------------------------------------------------------ the loop
 
@@ -219,7 +236,7 @@ class Trainer:
             with self.timer.span("data"):
                 raw = next(self.batches)
                 self.state.micro_batches += 1
-                self.window.skipped.update(raw.pop("skipped", None) or {})
+                self.window.take_loader_fields(raw)
                 batch = self.task.batch_type.from_dict(raw).to(self.env.device)  # fp32: each model casts its own
             with self.timer.span("forward_backward"):
                 result = self.engine(batch, teacher=self.teacher, generator=self.generator)
@@ -247,8 +264,12 @@ class Trainer:
     def _log_and_evaluate_all_ranks(self) -> None:
         step, cfg = self.state.step, self.cfg
         if self._is_log_step(step):
-            log_window_all_ranks(self.monitor, self.engine, self.state, self.window, self.env, self.global_batch)
-            self.window = Window()
+            knobs = f"raise data.workers (now {self.recipe.data.workers})" + (
+                "" if self.decode == "gpu" else ", or on a GPU set data.decode=gpu (now cpu; it decodes and crops "
+                "there, without RandAugment)")
+            log_window_all_ranks(self.monitor, self.engine, self.state, self.window, self.env, self.global_batch,
+                                 knobs)
+            self.window = self._new_window()
         if cfg.eval_every > 0 and step % cfg.eval_every == 0 and self.recipe.data.eval_shards:
             metrics, model = evaluate_all_ranks(self.recipe.task, self.student, self.eval_data, self.tokenizer,
                                                 self.recipe, self.env, zero3=zero_stage(self.ds_cfg) == 3)
