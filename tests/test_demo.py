@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dlip_ds.cli import main
+from dlip_ds.config import ConfigError
 from dlip_ds.demo import HEADLINE, MAX_STUDENT_SHARE, MODELS, SEED0
 
 
@@ -57,6 +58,29 @@ def test_demo_report_numbers(demo_out, capsys):
     assert c["keeps_95pct_of_teacher_recall"] == (
         report["student"]["mean_recall"] >= 0.95 * report["teacher"]["mean_recall"])
     assert c["student_over_baseline_cpu"] == pytest.approx(report["student"]["cpu_ms"] / report["baseline"]["cpu_ms"])
+    gain = report["student"]["mean_recall"] - report["baseline"]["mean_recall"]
+    assert c["recall_over_baseline"] == pytest.approx(gain) and c["beats_baseline_by_margin"] == (gain >= 5.0)
+
+
+def test_verdict_states_the_margin_and_the_time_budget():
+    from dlip_ds.demo_cli import budget_line, verdict
+
+    def report(student: float, minutes: float, seeds: int = 1) -> dict:
+        models = {m: {"mean_recall": r, "cider": 100.0} for m, r in zip(MODELS, (50.0, student, 45.0))}
+        c = {"keeps_95pct_of_teacher_recall": True, "keeps_95pct_of_teacher_cider": True, "mean_recall": 0.96,
+             "cider": 1.0, "params": 0.2, "flops": 0.2, "speedup": 2.0, "speedup_cpu": 2.0,
+             "beats_baseline_recall": student > 45.0, "beats_baseline_by_margin": student - 45.0 >= 5.0,
+             "recall_over_baseline": student - 45.0}
+        return {**models, "student_vs_teacher": c, "seeds": seeds, "scale": {"budget_minutes": 10},
+                "elapsed_s": 60 * minutes}
+
+    assert "and beats the baseline" in verdict(report(51.0, 9.5)) and "+6.00 points" in verdict(report(51.0, 9.5))
+    assert "beats, by less than the 5 points aimed at, the baseline" in verdict(report(47.0, 9.5))
+    assert "does NOT beat the baseline" in verdict(report(44.0, 9.5))
+    assert budget_line(report(51.0, 9.5)) == " It took 9.5 minutes, within the 10 minutes this scale aims at."
+    assert "10.5 minutes, OVER the 10" in budget_line(report(51.0, 10.5))
+    assert "9.0 minutes per seed, within" in budget_line(report(51.0, 27.0, seeds=3))
+    assert budget_line({**report(51.0, 9.0), "scale": {"budget_minutes": 0}}) == ""
 
 
 @pytest.mark.slow
@@ -237,6 +261,25 @@ def test_seed_layout_and_training_seeds(tmp_path, monkeypatch):
                       {"train.seed": SEED0 + 2}),
                      ("baseline", home, tmp_path / "data", None, {"train.seed": SEED0 + 2})]
     assert {"train_teacher", "seed-2/train_teacher", "seed-2/train_baseline"} <= set(stage.times)
+
+
+@pytest.mark.slow
+def test_demo_trains_on_two_ranks_with_the_global_batch(demo_out, tmp_path):
+    """The full and quick scales train on two ranks (torchrun, one core each): the run keeps the
+    scale's global batch, each rank its half, and the student's distillation works across them."""
+    import dataclasses
+
+    from dlip_ds import demo
+
+    scale = dataclasses.replace(demo.SCALES["ci"], ranks=2)
+    assert {demo.SCALES[s].ranks for s in ("full", "quick")} == {2}
+    run = demo.train_run("student", tmp_path, demo_out / "data", scale, teacher=demo_out / "runs" / "teacher" / "student")
+    log = (tmp_path / "logs" / "train-student.log").read_text()
+    assert "torch.distributed.run" in log and "--set data.batch_size=4" in log
+    assert f"on 2 rank(s) (cpu), ZeRO-2, torch.float32, global batch {scale.batch_size}," in log
+    assert (run / "student" / "config.json").is_file() and "kd_repr_fusion" in log
+    with pytest.raises(ConfigError, match="does not split over 3 ranks"):
+        demo.train_run("teacher", tmp_path, demo_out / "data", dataclasses.replace(scale, ranks=3))
 
 
 @pytest.mark.parametrize("argv, message", [(["--seeds", "0"], "--seeds must be >= 1, got 0"),
