@@ -92,6 +92,7 @@ def _parity_worker(args: argparse.Namespace) -> None:
     batch = next(iter(make_epoch_loader(str(assets / "synth" / "train"), recipe.data, tokenizer,
                                         recipe.student.model.vision, batch_size=args.global_batch, workers=0)))
     batch.pop("skipped", None)
+    batch.pop("loader_seconds", None)  # the loader's own timing, not a batch row field
     per_rank = args.global_batch // env.world_size
     local = {k: v[env.rank * per_rank:(env.rank + 1) * per_rank] for k, v in batch.items()}
     recipe.data.batch_size = per_rank
