@@ -126,6 +126,12 @@ class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def evenly(n_src: int, n_dst: int) -> list[int]:
+    """`n_dst` evenly spaced indices of range(n_src), first and last included, in plain integers: the
+    independent reference for weight selection (dlip_ds.models.select)."""
+    return [round(i * (n_src - 1) / (n_dst - 1)) for i in range(n_dst)]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free right now (for a gloo rendezvous)."""
     with socket.socket() as s:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import perturbed, salesforce_vision_key
+from helpers import evenly, perturbed, salesforce_vision_key
 from safetensors.torch import load_file, save_file
 
 import dlip_ds
@@ -362,10 +362,6 @@ def test_inherit_every_kth_teacher_layer(tiny):
         init_student(student, InitConfig(text="teacher"))
 
 
-def _evenly(n_src: int, n_dst: int) -> list[int]:
-    return [round(i * (n_src - 1) / (n_dst - 1)) for i in range(n_dst)]
-
-
 def test_narrower_student_takes_a_subset_of_the_teacher(tiny):
     """Weight selection: every tensor an evenly spaced subset, whole heads where the head size matches,
     so the student's residual stream starts as a sub-stream of the teacher's."""
@@ -373,13 +369,13 @@ def test_narrower_student_takes_a_subset_of_the_teacher(tiny):
     teacher = tiny(vision={**big, "depth": 4}, text={**big, "intermediate": 256, "depth": 4}, fusion={"layers": 4})
     student = tiny(vision={"depth": 2}, text={"depth": 2}, fusion={"layers": 1})
     init_student(student, InitConfig(vision="teacher", text="teacher"), teacher)
-    cols = _evenly(64, 32)
+    cols = evenly(64, 32)
     heads = [*range(16), *range(48, 64)]  # heads 0 and 3 of 4
     qkv_rows = [b * 64 + i for b in range(3) for i in heads]
     t_block, s_block = teacher.vision.blocks[3], student.vision.blocks[1]
     assert torch.equal(s_block.attn.qkv.weight, t_block.attn.qkv.weight[qkv_rows][:, cols])
     assert torch.equal(s_block.attn.proj.weight, t_block.attn.proj.weight[cols][:, heads])
-    assert torch.equal(s_block.mlp.fc1.weight, t_block.mlp.fc1.weight[_evenly(256, 128)][:, cols])
+    assert torch.equal(s_block.mlp.fc1.weight, t_block.mlp.fc1.weight[evenly(256, 128)][:, cols])
     t_layer, s_layer = teacher.text.layers[3], student.text.layers[1]
     assert torch.equal(s_layer.cross_attn.key.weight, t_layer.cross_attn.key.weight[heads][:, cols])
     assert torch.equal(s_layer.self_attn.out.weight, t_layer.self_attn.out.weight[cols][:, heads])

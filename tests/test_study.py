@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+from helpers import evenly
 
 from dlip_ds.cli import main
 from dlip_ds.studies import plan
@@ -129,9 +130,6 @@ def test_variants_build_against_the_demo_teacher(study_out, name):
         assert set(terms["repr+attn"]) == set(terms["repr"]) | set(terms["attn"])
     # Initialisation: the teacher's weights (weight selection: every k-th layer, evenly spaced columns) only
     # where the variant asks; every other student starts random, whatever demo-distill's own default.
-    def evenly(n_src: int, n_dst: int) -> list[int]:
-        return [round(i * (n_src - 1) / (n_dst - 1)) for i in range(n_dst)]
-
     tv, words = teacher.vision.blocks[-1].mlp.fc1.weight, teacher.text.embeddings.word_embeddings.weight
     for n, (recipe, student, _) in built.items():
         fc1, width = student.vision.blocks[-1].mlp.fc1.weight, student.cfg.vision.width
