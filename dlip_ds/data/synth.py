@@ -17,11 +17,14 @@ reads with no download.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
 import math
+import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,15 +249,29 @@ def make_sample(seed: int, split: str, index: int, image_size: int, n_captions: 
 # --------------------------------------------------------------------------- writing
 
 
-def write_split(out: Path, split: str, n: int, *, seed: int, image_size: int, shard_size: int) -> list[str]:
+def _rendered(seed: int, split: str, n: int, image_size: int, workers: int):
+    """make_sample(seed, split, i) for i in range(n), in order; rendered by `workers` processes
+    (each sample depends only on its arguments, so the shards are the same bytes for any count)."""
+    make = functools.partial(make_sample, seed, split, image_size=image_size)
+    if workers <= 1 or n < 32:
+        yield from map(make, range(n))
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
+        yield from pool.imap(make, range(n), chunksize=max(1, min(64, n // (4 * workers))))
+
+
+def write_split(out: Path, split: str, n: int, *, seed: int, image_size: int, shard_size: int,
+                workers: int = 1) -> list[str]:
     """Write the split's shards; returns its texts (captions, questions, answers) for the tokenizer."""
     from tqdm import tqdm
 
     texts: list[str] = []
     info = {"source": "synth", "options": {"split": split, "seed": seed, "image_size": image_size}}
     with ShardSink(out / split, prefix=split, shard_size=shard_size, info=info, mtime=0) as sink:
-        for i in tqdm(range(n), desc=f"synth {split}", unit="img", mininterval=2.0):
-            s = make_sample(seed, split, i, image_size)
+        samples = _rendered(seed, split, n, image_size, workers)
+        for i, s in enumerate(tqdm(samples, total=n, desc=f"synth {split}", unit="img", mininterval=2.0)):
             meta = {"captions": s["captions"], "image_id": i, "kind": s["kind"], "qa": s["qa"]}
             sink.write({"__key__": f"{i:08d}", "png": s["png"], "txt": s["captions"][0], "json": json.dumps(meta)})
             texts.extend(s["captions"])
@@ -279,11 +296,14 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 1000) -> None
 
 
 def synth(out: str | Path, *, train: int = 10000, test: int = 1000, seed: int = 0, image_size: int = 64,
-          shard_size: int = 1000) -> dict:
-    """Render the set under `out`; returns {"train": n, "test": m, "vocab": size}."""
+          shard_size: int = 1000, workers: int | None = None) -> dict:
+    """Render the set under `out` (with `workers` processes, default one per CPU); returns
+    {"train": n, "test": m, "vocab": size}."""
     out = Path(out)
-    texts = write_split(out, "train", train, seed=seed, image_size=image_size, shard_size=shard_size)
-    write_split(out, "test", test, seed=seed, image_size=image_size, shard_size=shard_size)
+    workers = workers or os.cpu_count() or 1
+    split = functools.partial(write_split, out, seed=seed, image_size=image_size, shard_size=shard_size, workers=workers)
+    texts = split("train", train)
+    split("test", test)
     answers = canonical_answers()
     write_json_atomic(out / ANSWER_LIST, answers)
     train_tokenizer(texts + answers, out / "tokenizer")
@@ -299,6 +319,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="side in pixels (default 64)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="rendering processes (default: one per CPU; the shards are the same for any count)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,6 +330,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("synth: need --train >= 1, --test >= 0, --image-size >= 16, --shard-size >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     info = synth(args.out, train=args.train, test=args.test, seed=args.seed, image_size=args.image_size,
-                 shard_size=args.shard_size)
+                 shard_size=args.shard_size, workers=args.workers)
     print(f"synth: {info['train']} train + {info['test']} test pairs, vocabulary {info['vocab']} tokens -> {args.out}")
     return 0
