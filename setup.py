@@ -26,6 +26,7 @@ setup(
         "pillow>=10.0",
         "simplejpeg>=1.7",  # libjpeg-turbo with DCT scaling: the loader's JPEG decoder
         "numpy>=1.24",
+        "opencv-python-headless>=4.8",  # cv2.warpAffine: RandAugment's shears, translations, rotation (BLIP's own warp)
         "matplotlib>=3.7",
     ],
     extras_require={

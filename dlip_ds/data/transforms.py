@@ -1,7 +1,8 @@
 """Image transforms: BLIP's training transform (random resized crop, horizontal flip, RandAugment)
 and its evaluation transform (square resize), normalised with the model's mean/std.
 
-They come in two forms with the same distribution (tests compare them):
+They come in two forms with the same distribution (tests compare them; RandAugment's geometric ops
+differ in pixels, by at most 1 level away from the fill's edge: the views warp with OpenCV, timm with PIL):
 - `train_transform` / `eval_transform`: torchvision Composes, PIL image -> normalised tensor,
   drawing from the global RNGs. The VQA loader, the evaluation sets and the exported processor use
   them, and they are the references in tests.
@@ -15,6 +16,7 @@ They come in two forms with the same distribution (tests compare them):
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -34,7 +36,8 @@ _RANDAUG_OPS = ["AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX",
 RANDAUGMENT = "rand-n2-m5-mstd0"  # BLIP: 2 ops at magnitude 5 (of 10), each applied with probability 0.5
 # timm's op arguments at magnitude 5 (its *_level_to_arg; tests check them against timm): the signed
 # ops are negated with probability 0.5. The geometric ones resample bilinearly, as BLIP's RandomAugment
-# (cv2.warpAffine, INTER_LINEAR); timm's default draws bicubic half the time, at twice the cost.
+# (cv2.warpAffine, INTER_LINEAR); timm's default draws bicubic half the time, at twice the cost. The
+# views warp with OpenCV too (`_warp`); `train_transform` keeps timm's PIL ops.
 _RANDAUG_ARGS = {"AutoContrast": None, "Equalize": None, "Brightness": 1.0, "Sharpness": 1.0, "ShearX": 0.15,
                  "ShearY": 0.15, "TranslateXRel": 0.225, "TranslateYRel": 0.225, "Rotate": 15.0}
 _SIGNED = ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate")
@@ -123,16 +126,64 @@ def draw_randaugment(rng: random.Random) -> tuple[tuple, ...]:
     return tuple(ops)
 
 
-def apply_randaugment(img: Image.Image, ops: tuple[tuple, ...], fill: tuple[int, ...]) -> Image.Image:
-    """Apply drawn ops with timm's own op functions (given a resample, they draw nothing)."""
+_WARPS = ("ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "Rotate")
+
+
+def _warp_matrix(name: str, arg: float, width: int, height: int) -> tuple[float, ...]:
+    """timm's geometric op as PIL's affine data (a, b, c, d, e, f): output (x, y) samples input
+    (a x + b y + c, d x + e y + f), with pixel edges at integers and centres at +0.5."""
+    if name == "ShearX":
+        return 1.0, arg, 0.0, 0.0, 1.0, 0.0
+    if name == "ShearY":
+        return 1.0, 0.0, 0.0, arg, 1.0, 0.0
+    if name == "TranslateXRel":
+        return 1.0, 0.0, arg * width, 0.0, 1.0, 0.0
+    if name == "TranslateYRel":
+        return 1.0, 0.0, 0.0, 0.0, 1.0, arg * height
+    # Rotate: PIL's Image.rotate (expand=False), counter-clockwise by `arg` degrees about (w / 2, h / 2)
+    t = math.radians(arg)
+    cos, sin = round(math.cos(t), 15), round(math.sin(t), 15)
+    cx, cy = width / 2, height / 2
+    return cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy
+
+
+@functools.cache
+def _cv2():
+    import cv2
+
+    cv2.setNumThreads(1)  # a loader worker is one process on one core: no pool of OpenCV threads
+    return cv2
+
+
+def _warp(pixels: np.ndarray, data: tuple[float, ...], fill: tuple[int, ...]) -> np.ndarray:
+    """PIL's bilinear Image.transform(AFFINE, data) with cv2.warpAffine, as BLIP's RandomAugment warps
+    (several times faster). cv2 indexes pixel centres at integers: the same map, shifted by half a pixel.
+    Inside the image the two agree to 1 level (PIL truncates the interpolated value, cv2 rounds); along
+    the edge of the fill cv2 blends the last pixel with the fill where PIL cuts it sharp."""
+    a, b, c, d, e, f = data
+    m = np.array([[a, b, c + 0.5 * (a + b - 1)], [d, e, f + 0.5 * (d + e - 1)]])
+    cv2 = _cv2()
+    return cv2.warpAffine(pixels, m, (pixels.shape[1], pixels.shape[0]),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+
+
+def apply_randaugment(img: Image.Image, ops: tuple[tuple, ...], fill: tuple[int, ...]) -> np.ndarray:
+    """Apply drawn ops in order -> uint8 [H, W, 3]: the geometric ones as `_warp` (timm's maps), the
+    others with timm's own op functions (given a resample, they draw nothing)."""
     from timm.data.auto_augment import NAME_TO_OP
 
     for name, arg in ops:
         if name in ("Brightness", "Sharpness") and arg == 1.0:
             continue  # an enhance factor of 1 blends the image with weight 1: the image itself
-        args = () if arg is None else (arg,)
-        img = NAME_TO_OP[name](img, *args, fillcolor=fill, resample=RESAMPLE)
-    return img
+        if name in _WARPS:
+            pixels = np.asarray(img)
+            img = _warp(pixels, _warp_matrix(name, arg, pixels.shape[1], pixels.shape[0]), fill)
+        else:
+            if isinstance(img, np.ndarray):
+                img = Image.fromarray(img)
+            img = NAME_TO_OP[name](img, *(() if arg is None else (arg,)), fillcolor=fill, resample=RESAMPLE)
+    return np.asarray(img)
 
 
 @dataclass(frozen=True)
@@ -208,8 +259,8 @@ class EvalView(_ViewBase):
         return width, height
 
 
-def to_pixels(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor [3, H, W] (channels first here, where the image is small, so the
+def to_pixels(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB PIL image or uint8 [H, W, 3] array -> uint8 tensor [3, H, W] (channels first here, where the image is small, so the
     batch normalisation runs over contiguous memory)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
 
