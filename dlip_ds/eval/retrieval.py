@@ -115,39 +115,34 @@ def encode_eval_set(model, eval_set, tokenizer, *, batch_size: int = 64, max_len
 
 
 @torch.no_grad()
-def _itm_match_logits(model, feats: dict, img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _itm_match_logits(model, feats: dict, img_idx: torch.Tensor, txt_idx: torch.Tensor, batch_size: int,
+                      progress: bool = False) -> torch.Tensor:
     """ITM "match" logits of (image, text) pairs, `batch_size` pairs per forward pass."""
     out = []
-    for s in range(0, len(img_idx), batch_size):
+    for s in tqdm(range(0, len(img_idx), batch_size), desc="ITM re-rank", unit="batch", disable=not progress):
         i, t = img_idx[s:s + batch_size], txt_idx[s:s + batch_size]
         fused = model.fuse(feats["image_embeds"][i], feats["itm_ids"][t], feats["attention_mask"][t])
         out.append(fused.itm_logits[:, 1].float())
     return torch.cat(out) if out else torch.zeros(0, device=img_idx.device)
 
 
-def _rerank(model, feats: dict, sims: torch.Tensor, k: int, rows: range, queries_are_images: bool,
-            batch_size: int, progress: bool) -> torch.Tensor:
-    """Scores of `rows` of `sims` (zeros elsewhere): top-k by ITC re-scored as ITM logit + ITC."""
+def _topk(sims: torch.Tensor, k: int, rows: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITC top-k (similarities, candidate indices) of `rows` of `sims`."""
+    return sims[rows.start:rows.stop].topk(k, dim=1)
+
+
+def _rescored(sims: torch.Tensor, rows: range, top_sim: torch.Tensor, top_idx: torch.Tensor,
+              itm: torch.Tensor) -> torch.Tensor:
+    """Scores of `rows` of `sims` (zeros elsewhere): the top-k re-scored as ITM logit (`itm`, [rows, k])
+    + ITC; the rest keep their ITC order, shifted just below the lowest re-ranked score (a small
+    shift keeps float32 resolution between nearly equal similarities)."""
     scores = torch.zeros_like(sims)
     if not len(rows):
         return scores
     block = sims[rows.start:rows.stop]
-    top_sim, top_idx = block.topk(k, dim=1)
-    # A few query rows per chunk, so that small models still fuse `batch_size` pairs per pass.
-    rows_per_chunk = max(1, batch_size // k)
-    bar = tqdm(total=len(rows), desc="ITM re-rank " + ("i2t" if queries_are_images else "t2i"), disable=not progress)
-    for s in range(0, len(rows), rows_per_chunk):
-        q = torch.arange(s, min(s + rows_per_chunk, len(rows)), device=sims.device)
-        query = (q + rows.start).repeat_interleave(k)
-        cand = top_idx[q].reshape(-1)
-        img_idx, txt_idx = (query, cand) if queries_are_images else (cand, query)
-        reranked = _itm_match_logits(model, feats, img_idx, txt_idx, batch_size).view(len(q), k) + top_sim[q]
-        # The rest keep their ITC order, shifted just below the lowest re-ranked score (a small shift
-        # keeps float32 resolution between nearly equal similarities).
-        shift = reranked.amin(dim=1) - block[q].amax(dim=1) - 1.0
-        scores[q + rows.start] = (block[q] + shift[:, None]).scatter(1, top_idx[q], reranked)
-        bar.update(len(q))
-    bar.close()
+    reranked = itm + top_sim
+    shift = reranked.amin(dim=1) - block.amax(dim=1) - 1.0
+    scores[rows.start:rows.stop] = (block + shift[:, None]).scatter(1, top_idx, reranked)
     return scores
 
 
@@ -171,10 +166,21 @@ def retrieval_scores(model, eval_set, tokenizer, *, k: int = 256, itc_only: bool
         if itc_only:
             return sims.cpu(), sims.t().cpu()
         n_img, n_txt = sims.shape
-        i2t = _rerank(model, feats, sims, min(k, n_txt), _row_slice(n_img, rank, world_size), True,
-                      batch_size, progress)
-        t2i = _rerank(model, feats, sims.t().contiguous(), min(k, n_img), _row_slice(n_txt, rank, world_size),
-                      False, batch_size, progress)
+        img_rows, txt_rows = _row_slice(n_img, rank, world_size), _row_slice(n_txt, rank, world_size)
+        i2t_sim, i2t_idx = _topk(sims, min(k, n_txt), img_rows)
+        t2i_sim, t2i_idx = _topk(sims.t(), min(k, n_img), txt_rows)
+        # Each (image, text) pair through ITM once: a good model's image->text and text->image
+        # candidates are largely the same pairs.
+        dev = sims.device
+        img_idx = torch.cat([torch.arange(img_rows.start, img_rows.stop, device=dev).repeat_interleave(i2t_idx.shape[1]),
+                             t2i_idx.reshape(-1)])
+        txt_idx = torch.cat([i2t_idx.reshape(-1),
+                             torch.arange(txt_rows.start, txt_rows.stop, device=dev).repeat_interleave(t2i_idx.shape[1])])
+        pairs, where = torch.unique(img_idx * n_txt + txt_idx, return_inverse=True)
+        logits = _itm_match_logits(model, feats, pairs // n_txt, pairs % n_txt, batch_size,
+                                   progress and len(pairs) > 0)[where]
+        i2t = _rescored(sims, img_rows, i2t_sim, i2t_idx, logits[:i2t_idx.numel()].view_as(i2t_idx))
+        t2i = _rescored(sims.t().contiguous(), txt_rows, t2i_sim, t2i_idx, logits[i2t_idx.numel():].view_as(t2i_idx))
     finally:
         model.train(was_training)
     if world_size > 1:
