@@ -131,7 +131,7 @@ class StudentConfig:
 @dataclass
 class TeacherConfig:
     source: str = ""  # anything dlip_ds.load_model takes; empty = pretraining without a teacher
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on CUDA, bf16 on CPU
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on CUDA; on CPU bf16 if native, else fp32
     tp_size: int = 1
 
 

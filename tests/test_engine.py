@@ -263,3 +263,20 @@ def test_cpu_threads_leave_room_for_ranks_and_data_workers(monkeypatch):
         assert limit_cpu_threads(data_workers=2) is None  # the user's choice stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_teacher_dtype_auto_follows_the_cpus_bf16_support(monkeypatch):
+    """auto: fp16 on CUDA; on a CPU bf16 only where it computes bf16 natively (an AVX2 CPU emulates
+    it, several times slower than fp32); an explicit dtype is kept."""
+    from dlip_ds.config import TeacherConfig
+    from dlip_ds.engine import teacher as t
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert t.teacher_dtype(TeacherConfig(dtype="auto"), cpu) == expected
+        assert t.teacher_dtype(TeacherConfig(dtype="auto"), cuda) == torch.float16
+        assert t.teacher_dtype(TeacherConfig(dtype="bf16"), cpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert t.teacher_dtype(TeacherConfig(dtype="auto"), cpu) == torch.bfloat16

@@ -160,7 +160,9 @@ class Trainer:
         self.monitor.print(
             f"{start}: {self.recipe.name or 'run'} ({self.recipe.task}) on {env.world_size} rank(s) "
             f"({env.device.type}), ZeRO-{zero_stage(self.ds_cfg)}, {compute_dtype(self.ds_cfg)}, global batch "
-            f"{self.global_batch}, {self.cfg.max_steps} steps, run dir {self.run_dir}")
+            f"{self.global_batch}, {self.cfg.max_steps} steps, "
+            + (f"teacher in {next(self.teacher.parameters()).dtype}, " if self.teacher is not None else "")
+            + f"run dir {self.run_dir}")
 
     def _new_loader(self):
         """This rank's batches from the data position; with `data.decode` gpu, their JPEGs decoded and
