@@ -39,6 +39,7 @@ from dlip_ds.demo import (
     format_table,
     loss_curves,
     machine,
+    machine_text,
     run_seed,
     seed_dir,
 )
@@ -254,8 +255,8 @@ def seed_lines(report: dict) -> list[str]:
 
 def write_markdown(report: dict, path: Path) -> None:
     rows, n = table_rows(report), report["seeds"]
-    where = (f"{report['date']}, {report['scale_name']} scale, {report['machine']['cpus']} CPUs "
-             f"({report['machine']['platform']}), {report['elapsed_s'] / 60:.1f} minutes end to end "
+    where = (f"{report['date']}, {report['scale_name']} scale, {machine_text(report['machine'])}, "
+             f"{report['elapsed_s'] / 60:.1f} minutes end to end "
              f"({report['cpu_s'] / 60:.1f} CPU minutes)"
              + (f", {n} training seeds ({', '.join(map(str, report['train_seeds']))}): mean ± standard deviation."
                 if n > 1 else "."))

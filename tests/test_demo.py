@@ -46,6 +46,11 @@ def test_demo_report_numbers(demo_out, capsys):
     assert report["student"]["flops"] < report["teacher"]["flops"]
     assert {f"train_{m}" for m in MODELS} | {"profile", "report"} <= set(report["stages"])
     assert report["cpu_s"] > 0 and report["elapsed_s"] > 0
+    # timings mean little without the CPU: its model and the instruction set torch uses are recorded
+    import torch
+
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["machine"]["cpu_capability"] in (demo_out / "report.md").read_text().split("\n\n")[1]
     assert report["total"]["wall_s"] == pytest.approx(report["elapsed_s"], abs=0.1)
     # One seed: the report is that seed's, whose own file is seed 0's seed_report.json in OUT.
     seed = json.loads((demo_out / "seed_report.json").read_text())

@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from dlip_ds.demo import format_table
+from dlip_ds.demo import format_table, machine_text
 from dlip_ds.studies.plan import Study
 
 METRICS = {"mean_recall": "mean recall", "cider": "CIDEr"}
@@ -133,7 +133,7 @@ def write_markdown(report: dict, path: Path) -> None:
     m = report["machine"]
     where = (f"{report['date']}, {report['scale_name']} scale, {report['steps']} steps per run, "
              f"{len(report['seeds'])} seed(s) per variant ({', '.join(map(str, report['seeds']))}), "
-             f"{m['cpus']} CPUs ({m['platform']}), {report['elapsed_s'] / 60:.1f} minutes this call.")
+             f"{machine_text(m)}, {report['elapsed_s'] / 60:.1f} minutes this call.")
     setup = (f"Student: {report['student']}. Teacher: the demo's pretrained teacher ({report['teacher']}, "
              f"{_count(report['teacher_params'])} parameters). Every variant is `dlip-ds train --config demo-distill` "
              "with the overrides in study.json, scored by `dlip-ds evaluate` on the demo's held-out pairs "
