@@ -71,3 +71,13 @@ def test_named_recipes_configs_and_launchers_exist():
         assert (ROOT / path.rstrip(".")).exists(), path
     for name in re.findall(r"--deepspeed ([a-z]\w+)", README):
         assert (ROOT / "ds_configs" / f"{name}.json").exists(), name
+
+
+def test_relative_links_and_images_exist():
+    """Every relative link or image in the README (and in the documents it links) points at a file."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for doc in docs:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
