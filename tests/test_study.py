@@ -52,6 +52,7 @@ def test_decoder_study_end_to_end(study_out):
         assert (("repr", "decoder") in terms) == (("logit", "lm") in terms) == (name == "distilled")
         assert recipe.teacher.source == str(study_out / "runs" / "teacher" / "student")
         assert recipe.train.max_steps == study.steps["ci"] and recipe.train.seed == 42
+        assert recipe.train.lr == float(dict(plan.STUDY_LR)["train.lr"])  # not demo-distill's rate
         # the numbers are what `dlip-ds evaluate` wrote for that run
         metrics = json.loads((home / "eval" / f"{name}-s42" / "metrics.json").read_text())
         assert run["mean_recall"] == pytest.approx(metrics["retrieval"]["r_mean"]) == v["mean"]["mean_recall"]
