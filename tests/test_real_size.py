@@ -3,8 +3,9 @@
 A random `blip-base` teacher (252M parameters) and the recipe's student, 224-px synthetic shards, a
 30522-word WordPiece vocabulary (30524 ids with [DEC] and [ENC]) and one KD term of every kind on
 every module: representations x 4, self-attention x 4 and cross-attention x 2 with relation heads,
-logits x 3. Two optimizer steps under ZeRO-2 on one rank, and for dlip-small under ZeRO-3 on two
-ranks with the smallest batch ITM allows. Each run's peak resident memory is printed (`pytest -s`
+logits x 3. Two optimizer steps: dlip-base under ZeRO-2 on one rank, dlip-small under ZeRO-3 on two
+ranks with the smallest batch ITM allows (dlip-small under ZeRO-2 adds nothing these two do not
+cover, at 45 s of CI). Each run's peak resident memory is printed (`pytest -s`
 shows it) so that growth shows up in CI logs.
 
 The runs are fp32 (teacher and student): on a CPU without bf16 matrix units a bf16 matmul is 4-70x
@@ -77,7 +78,9 @@ def _train(real_data: Path, out: Path, recipe: str, stage: int, ranks: int, batc
            *[a for s in sets for a in ("--set", s)]]
     if ranks > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *cmd]
-    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, *cmd], env=ENV, cwd=REPO,
+    # One thread per rank: a lone rank gets the machine's cores (2 in CI), as a user's run would.
+    env = {**ENV, "OMP_NUM_THREADS": str(max(1, min(4, (os.cpu_count() or 1) // ranks)))}
+    proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, *cmd], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     peak_kib = int(proc.stderr.strip().splitlines()[-1].split()[-1])
@@ -105,7 +108,6 @@ def _losses(run_dir: Path) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("recipe, stage, ranks, batch", [
-    ("blip-distill-dlip-small", 2, 1, 4),
     ("blip-distill-dlip-small", 3, 2, 2),
     ("blip-distill-dlip-base", 2, 1, 2),
 ])
