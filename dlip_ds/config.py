@@ -209,6 +209,7 @@ class EvalConfig:
     num_beams: int = 3  # captioning and VQA generation
     max_length: int = 20  # captions (VQA answers: 10, BLIP's)
     min_length: int = 5
+    meteor: bool = True  # captioning: METEOR costs ~10 s of Java per evaluation; CIDEr picks the best checkpoint
     vqa_mode: Literal["rank", "generate"] = "rank"  # rank: BLIP's answer-list ranking; generate: free answers
     vqa_k: int = 128  # answers re-scored whole after the first-token top-k (BLIP: 128)
     answer_list: str = ""  # BLIP's answer_list.json; empty: the one beside the eval shards' folder

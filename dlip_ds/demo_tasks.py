@@ -63,6 +63,8 @@ def evaluate(task: str, name: str, run_dir: Path, out: Path, data: Path, scale: 
             "--tensorboard", str(run_dir / "tensorboard"), "--step", str(scale.task_steps)]
     if task == "retrieval":
         argv += ["--k", str(scale.eval_k)]
+    if task == "captioning":
+        argv += ["--no-meteor"]  # CIDEr is the task's score
     _cli(argv)
     if task == "vqa":
         return json.loads((eval_dir / "vqa_metrics.json").read_text())

@@ -40,6 +40,7 @@ def test_demo_report_numbers(demo_out, capsys):
         metrics = json.loads((demo_out / "eval" / m / "metrics.json").read_text())
         assert r["mean_recall"] == pytest.approx(metrics["retrieval"]["r_mean"])
         assert r["cider"] == pytest.approx(metrics["captioning"]["cider"])
+        assert "meteor" not in metrics["captioning"] and "bleu4" in metrics["captioning"]  # `--no-meteor`
         captions = json.loads((demo_out / "eval" / m / "captions.json").read_text())
         assert len(captions) == metrics["images"] == report["eval"]["images"]
     assert report["student"]["params"] <= MAX_STUDENT_SHARE * report["teacher"]["params"]

@@ -134,6 +134,11 @@ def test_caption_metrics_equal_pycocoevalcap_with_java():
     for key, value in ref.items():
         assert got[key] == pytest.approx(value), key
     assert 0 < got["cider"] and 0 < got["meteor"] < 100
+    # meteor=False (`--no-meteor`, `eval.meteor: false`): the same PTB-tokenised scores, METEOR alone left out
+    lean = captioning.caption_metrics(PREDICTIONS, REFERENCES, meteor=False)
+    assert set(lean) == set(ref) - {"meteor"}
+    for key, value in lean.items():
+        assert value == pytest.approx(ref[key]), key
 
 
 def test_caption_metrics_without_java(monkeypatch, caplog):

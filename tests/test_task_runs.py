@@ -60,6 +60,7 @@ def test_task_fine_tunes_without_and_with_a_teacher(assets, tmp_path, task):
     assert all(math.isfinite(v) for s in steps for v in s.values())
     best = json.loads((teacher_run / "best" / "best.json").read_text())
     assert best["metric"] == METRIC[task] and best["step"] == 3 and METRIC[task] in best["metrics"]
+    assert "meteor" not in best["metrics"]  # the demo recipes' eval.meteor: false
     model, _ = load_run_student(teacher_run)
     assert model.cfg.decoder.enabled == (task != "retrieval")
     assert model.cfg.decoder.context == ("question" if task == "vqa" else "image")

@@ -46,7 +46,7 @@ def _evaluate(task: str, model, data, tokenizer, recipe: Recipe, device) -> dict
         from dlip_ds.eval.captioning import CaptionSettings, evaluate_captioning
 
         settings = CaptionSettings(num_beams=ev.num_beams, max_length=ev.max_length, min_length=ev.min_length,
-                                   prompt=recipe.data.prompt)
+                                   prompt=recipe.data.prompt, meteor=ev.meteor)
         metrics, _ = evaluate_captioning(model, data, tokenizer, settings=settings, batch_size=ev.batch_size,
                                          device=device, rank=0, world_size=1, progress=False)
         return metrics

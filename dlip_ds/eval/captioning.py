@@ -42,6 +42,9 @@ class CaptionSettings:
     # BLIP's published captions): over every token, [DEC] and prompt included; about 2-3% of beam-3
     # captions differ, so use it to reproduce BLIP's own numbers.
     length_norm: str = "generated"
+    # METEOR starts a Java process that loads its paraphrase tables, about 10 s per call whatever the number of
+    # captions (2 CPU cores): off where only CIDEr is read (the demo, the studies, mid-run evaluation in them).
+    meteor: bool = True
 
 
 def find_java() -> dict | None:
@@ -90,8 +93,9 @@ def simple_tokenize(captions: dict) -> dict:
     return {k: [" ".join(_PUNCT.sub(" ", c.lower()).split()) for c in v] for k, v in captions.items()}
 
 
-def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
-    """BLEU-1..4, METEOR (with Java), ROUGE-L and CIDEr x100 of {id: caption} against {id: [captions]}."""
+def caption_metrics(predictions: dict, references: dict, *, meteor: bool = True) -> dict[str, float]:
+    """BLEU-1..4, METEOR (with Java, unless meteor=False), ROUGE-L and CIDEr x100 of {id: caption} against
+    {id: [captions]}."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -118,13 +122,13 @@ def caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.update({f"bleu{i + 1}": 100.0 * b for i, b in enumerate(bleu)})
-    if java:
+    if java and meteor:
         from pycocoevalcap.meteor.meteor import Meteor
 
         with java_on_path(java):
-            meteor = Meteor()  # a Java subprocess, ended when the object is collected
-            out["meteor"] = 100.0 * meteor.compute_score(gts, res)[0]
-        del meteor
+            scorer = Meteor()  # a Java subprocess, ended when the object is collected
+            out["meteor"] = 100.0 * scorer.compute_score(gts, res)[0]
+        del scorer
     out["rouge_l"] = 100.0 * Rouge().compute_score(gts, res)[0]
     out["cider"] = 100.0 * Cider().compute_score(gts, res)[0]
     return out
@@ -174,4 +178,4 @@ def evaluate_captioning(model, eval_set, tokenizer, *, settings: CaptionSettings
                                  rank=rank, world_size=world_size, progress=progress)
     predictions = {i: c["caption"] for i, c in enumerate(captions)}
     references = {i: [eval_set.captions[t] for t in texts] for i, texts in enumerate(eval_set.img2txt)}
-    return caption_metrics(predictions, references), captions
+    return caption_metrics(predictions, references, meteor=(settings or CaptionSettings()).meteor), captions

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "generated tokens, transformers >= 4.36, what transformers' BLIP gives today) or 'total' "
                         "(over every token, [DEC] and prompt included: transformers < 4.36, which BLIP's published "
                         "captions used; about 2-3%% of beam-3 captions differ)")
+    p.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=CaptionSettings.meteor,
+                   help="captioning: score METEOR too (default; needs Java, about 10 s per evaluation); "
+                        "--no-meteor leaves it out")
     p.add_argument("--out", default=None, help="output directory (default: MODEL/eval for a directory, else ./eval)")
     p.add_argument("--tensorboard", default=None, metavar="LOGDIR", help="also write the metrics as TensorBoard scalars")
     p.add_argument("--step", type=int, default=0, help="global step of the TensorBoard scalars")
@@ -193,7 +196,8 @@ def _run_pairs(args: argparse.Namespace, model, tokenizer, *, rank: int, world_s
 
     eval_set = load_eval_set(args.data, image_root=args.images)
     tasks = TASKS if args.task == "all" else (args.task,)
-    settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt, length_norm=args.length_norm)
+    settings = CaptionSettings(num_beams=args.num_beams, prompt=args.prompt, length_norm=args.length_norm,
+                               meteor=args.meteor)
     k = DEFAULT_K["retrieval"] if args.k is None else args.k
     metrics, captions = evaluate(model, eval_set, tokenizer, tasks=tasks, k=k, itc_only=args.itc_only,
                                  batch_size=args.batch_size, caption_settings=settings, device=device, rank=rank,

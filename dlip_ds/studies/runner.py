@@ -94,7 +94,7 @@ def run_variant(study: plan.Study, variant: plan.Variant, seed: int, home: Path,
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < (run_dir / "student" / "config.json").stat().st_mtime:
         _log(f"{name}: evaluating on {data / 'test'}")
         _cli(["evaluate", str(run_dir), "--data", str(data / "test"), "--out", str(eval_dir), "--k", str(eval_k),
-              "--tensorboard", str(run_dir / "tensorboard"), "--step", str(steps)])
+              "--no-meteor", "--tensorboard", str(run_dir / "tensorboard"), "--step", str(steps)])
         worked = True
     metrics = json.loads(metrics_path.read_text())
     result = {"seed": seed, "run": str(run_dir), "eval": str(eval_dir), "params": _params(run_dir),
