@@ -60,11 +60,9 @@ def evaluate(task: str, name: str, run_dir: Path, out: Path, data: Path, scale: 
     eval_dir = out / "eval" / name
     _log(f"{name}: evaluating {task} on {data / 'test'}")
     argv = ["evaluate", str(run_dir), "--task", task, "--data", str(data / "test"), "--out", str(eval_dir),
-            "--tensorboard", str(run_dir / "tensorboard"), "--step", str(scale.task_steps)]
+            "--no-meteor", "--tensorboard", str(run_dir / "tensorboard"), "--step", str(scale.task_steps)]
     if task == "retrieval":
         argv += ["--k", str(scale.eval_k)]
-    if task == "captioning":
-        argv += ["--no-meteor"]  # CIDEr is the task's score
     _cli(argv)
     if task == "vqa":
         return json.loads((eval_dir / "vqa_metrics.json").read_text())

@@ -78,7 +78,7 @@ def _train(real_data: Path, out: Path, recipe: str, stage: int, ranks: int, batc
            *[a for s in sets for a in ("--set", s)]]
     if ranks > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *cmd]
-    # One thread per rank: a lone rank gets the machine's cores (2 in CI), as a user's run would.
+    # The machine's cores shared among the ranks (at most 4 threads each): a lone rank gets 2 in CI.
     env = {**ENV, "OMP_NUM_THREADS": str(max(1, min(4, (os.cpu_count() or 1) // ranks)))}
     proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, *cmd], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)

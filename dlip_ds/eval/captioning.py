@@ -174,8 +174,9 @@ def evaluate_captioning(model, eval_set, tokenizer, *, settings: CaptionSettings
                         batch_size: int = 64, device: torch.device | None = None, rank: int | None = None,
                         world_size: int | None = None, progress: bool = True) -> tuple[dict[str, float], list[dict]]:
     """(metrics, captions): generated captions scored against every reference caption of their image."""
+    settings = settings or CaptionSettings()
     captions = generate_captions(model, eval_set, tokenizer, settings=settings, batch_size=batch_size, device=device,
                                  rank=rank, world_size=world_size, progress=progress)
     predictions = {i: c["caption"] for i, c in enumerate(captions)}
     references = {i: [eval_set.captions[t] for t in texts] for i, texts in enumerate(eval_set.img2txt)}
-    return caption_metrics(predictions, references, meteor=(settings or CaptionSettings()).meteor), captions
+    return caption_metrics(predictions, references, meteor=settings.meteor), captions
