@@ -71,11 +71,11 @@ class Scale:
 SCALES = {
     # Wall time on 2 CPU cores is the budget (report.json records every stage); the teacher's pretraining
     # is most of it. The student starts from the teacher's weights, so it needs fewer steps than the teacher.
-    "full": Scale(train_pairs=6000, test_pairs=300, teacher_steps=800, student_steps=600, batch_size=32,
-                  warmup_steps=50, log_every=25, eval_k=16, profile_repeats=40, task_steps=1500, budget_minutes=10,
+    "full": Scale(train_pairs=6000, test_pairs=300, teacher_steps=650, student_steps=450, batch_size=32,
+                  warmup_steps=50, log_every=25, eval_k=16, profile_repeats=30, task_steps=1500, budget_minutes=10,
                   ranks=2),
-    "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=400, student_steps=200, batch_size=32,
-                   warmup_steps=25, log_every=25, eval_k=16, profile_repeats=30, task_steps=600, budget_minutes=5,
+    "quick": Scale(train_pairs=6000, test_pairs=300, teacher_steps=300, student_steps=150, batch_size=32,
+                   warmup_steps=25, log_every=25, eval_k=16, profile_repeats=20, task_steps=600, budget_minutes=5,
                    ranks=2),
     # The test suite's run of the same code path: seconds per stage, numbers meaningless.
     "ci": Scale(train_pairs=64, test_pairs=12, teacher_steps=3, student_steps=3, batch_size=8,

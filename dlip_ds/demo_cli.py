@@ -49,8 +49,8 @@ DETAILS = ("retrieval", "captioning", "flops_by_task", "latency_ms_by_task", "cp
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smoke run: about 6 minutes on a 2-core CPU (it aims at 5), "
-                   "its teacher far from trained (the default scale: 10-12)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: about 5 minutes on a 2-core CPU, its teacher far "
+                   "from trained (the default scale: 9-11)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train the teacher, student and baseline N times (training seeds 42, 43, ...; one data set) "
                         "and report each number's mean and spread; seed 0 in OUT, seed i in OUT/seed-i (default 1)")
