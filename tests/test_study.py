@@ -77,7 +77,7 @@ def test_second_call_redoes_nothing(study_out, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError(f"redone: {args[:1]}")
 
-    for name in ("train_run", "_cli", "pretrain_models"):
+    for name in ("train_run", "evaluate_run", "pretrain_models"):
         monkeypatch.setattr(runner, name, refuse)
     before = json.loads((study_out / "studies" / "decoder" / "study.json").read_text())
     assert main(["study", "decoder", "--ci", "--out", str(study_out)]) == 0

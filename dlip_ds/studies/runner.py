@@ -20,8 +20,8 @@ from dlip_ds.demo import (
     Scale,
     Stages,
     _check_scale,
-    _cli,
     _log,
+    evaluate_run,
     machine,
     pretrain_models,
     train_run,
@@ -80,7 +80,7 @@ def _params(run_dir: Path) -> int:
 
 
 def run_variant(study: plan.Study, variant: plan.Variant, seed: int, home: Path, data: Path, teacher: Path,
-                scale: Scale, steps: int, eval_k: int) -> tuple[dict, bool]:
+                scale: Scale, steps: int) -> tuple[dict, bool]:
     """(this seed's numbers, whether anything had to run): train unless finished, evaluate unless the
     evaluation is newer than the run's exported student."""
     name = f"{variant.name}-s{seed}"
@@ -92,11 +92,9 @@ def run_variant(study: plan.Study, variant: plan.Variant, seed: int, home: Path,
         worked = True
     metrics_path = eval_dir / "metrics.json"
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < (run_dir / "student" / "config.json").stat().st_mtime:
-        _log(f"{name}: evaluating on {data / 'test'}")
-        _cli(["evaluate", str(run_dir), "--data", str(data / "test"), "--out", str(eval_dir), "--k", str(eval_k),
-              "--no-meteor", "--tensorboard", str(run_dir / "tensorboard"), "--step", str(steps)])
-        worked = True
-    metrics = json.loads(metrics_path.read_text())
+        metrics, worked = evaluate_run(name, run_dir, home, data, scale, steps), True
+    else:
+        metrics = json.loads(metrics_path.read_text())
     result = {"seed": seed, "run": str(run_dir), "eval": str(eval_dir), "params": _params(run_dir),
               "mean_recall": metrics["retrieval"]["r_mean"],
               "cider": metrics.get("captioning", {}).get("cider", float("nan")),
@@ -134,7 +132,7 @@ def run_study(name: str, out: str | Path, scale_name: str = "full", seeds: int =
         _progress(name, k, len(jobs), f"{variant.name} seed {seed} ({variant.label})", start, durations,
                   len(jobs) - k + 1)
         t0 = time.perf_counter()
-        result, worked = run_variant(study, variant, seed, home, data, teacher, scale, steps, scale.eval_k)
+        result, worked = run_variant(study, variant, seed, home, data, teacher, scale, steps)
         results[variant.name].append(result)
         if worked:
             durations.append(time.perf_counter() - t0)
